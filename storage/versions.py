@@ -48,8 +48,10 @@ from typing import Any
 __all__ = [
     "Ordering",
     "VersionVector",
+    "EMPTY_VV",
     "Version",
     "choose_winner",
+    "prefer",
     "resolve",
     "next_timestamp",
 ]
@@ -262,16 +264,32 @@ class Version:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Version:
+        """Parse what ``to_dict`` produced; strict (raises ValueError on any malformed field)."""
         try:
-            return cls(
-                vv=VersionVector.from_dict(data["vv"]),
-                last_modified_us=int(data["last_modified_us"]),
-                writer=str(data["writer"]),
-                deleted=bool(data.get("deleted", False)),
-                etag=str(data.get("etag", "")),
-            )
+            vv, stamp, writer = data["vv"], data["last_modified_us"], data["writer"]
         except (KeyError, TypeError) as exc:
-            raise ValueError(f"invalid version record: {exc}") from exc
+            raise ValueError(f"invalid version record: missing {exc}") from exc
+        deleted, etag = data.get("deleted", False), data.get("etag", "")
+        if isinstance(stamp, bool) or not isinstance(stamp, int):
+            raise ValueError(f"invalid version record: last_modified_us {stamp!r}")
+        if not isinstance(writer, str) or not isinstance(etag, str) or not isinstance(deleted, bool):
+            raise ValueError("invalid version record: writer/etag must be str, deleted a bool")
+        return cls(VersionVector.from_dict(vv), stamp, writer, deleted, etag)
+
+
+def prefer(a: Version, b: Version) -> Version:
+    """Which input wins, returned as that very object (``prefer(a, b) is a`` tells the side).
+
+    A strictly dominating vector wins; otherwise the larger ``tiebreak_key`` (``a`` on a full tie,
+    where both carry the same data). Callers holding richer records (chunks, headers) use this to
+    pick the record, then give it ``a.vv.merge(b.vv)``; ``choose_winner`` does both.
+    """
+    order = a.vv.compare(b.vv)
+    if order is Ordering.AFTER:
+        return a
+    if order is Ordering.BEFORE:
+        return b
+    return a if a.tiebreak_key() >= b.tiebreak_key() else b
 
 
 def choose_winner(a: Version, b: Version) -> Version:
@@ -281,13 +299,7 @@ def choose_winner(a: Version, b: Version) -> Version:
     version carries ``a.vv.merge(b.vv)``. See the module docstring for why this is the same
     whatever the arrival order.
     """
-    order = a.vv.compare(b.vv)
-    if order is Ordering.AFTER:
-        winner = a
-    elif order is Ordering.BEFORE:
-        winner = b
-    else:
-        winner = a if a.tiebreak_key() >= b.tiebreak_key() else b
+    winner = prefer(a, b)
     merged = a.vv.merge(b.vv)
     return winner if winner.vv == merged else replace(winner, vv=merged)
 

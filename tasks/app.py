@@ -59,11 +59,6 @@ TASK_ROUTES = {
     "tasks.rebalance.*": {"queue": "rebalance"},
 }
 
-# Key the worker refreshes on every Celery heartbeat, so /health can say whether a worker is alive
-# without a broadcast round trip (``celery inspect ping`` takes a second).
-WORKER_ALIVE_KEY = "tunnelmesh:worker:alive"
-WORKER_ALIVE_TTL = 10  # seconds; the worker heartbeat is every 2 s
-
 
 def module_exists(name: str) -> bool:
     try:
@@ -178,8 +173,8 @@ def _mark_worker_alive(**_: Any) -> None:
     try:
         if _alive_client is None:
             _alive_client = redis_server.client(settings, timeout=2.0)
-        _alive_client.set(WORKER_ALIVE_KEY, f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}",
-                          ex=WORKER_ALIVE_TTL)
+        _alive_client.set(redis_server.WORKER_ALIVE_KEY, f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}",
+                          ex=redis_server.WORKER_ALIVE_TTL)
     except Exception:  # noqa: BLE001 - a liveness mark must never disturb the worker
         _alive_client = None
 
@@ -204,7 +199,7 @@ def _mark_worker_gone(**_: Any) -> None:
         return
     try:
         conn = redis_server.client(settings, timeout=1.0)
-        conn.delete(WORKER_ALIVE_KEY)
+        conn.delete(redis_server.WORKER_ALIVE_KEY)
         conn.close()
     except Exception:  # noqa: BLE001 - Redis may already be gone at shutdown
         pass

@@ -22,6 +22,11 @@ import redis
 
 from tunnelmesh.config import Settings
 
+# Key the Celery worker refreshes on every heartbeat (tasks/app.py), so /health and the supervisor
+# can tell whether a worker is consuming without a broadcast round trip (``celery inspect ping``).
+WORKER_ALIVE_KEY = "tunnelmesh:worker:alive"
+WORKER_ALIVE_TTL = 10  # seconds; the worker heartbeat is every 2 s
+
 # A unix socket path must fit in sockaddr_un.sun_path (108 bytes on Linux, including the NUL).
 MAX_UNIX_SOCKET_PATH = 107
 
@@ -112,7 +117,8 @@ def _with_db(url: str, db: int, *, for_kombu: bool) -> str:
         else:
             query["db"] = str(db)
             scheme = "unix"
-        return urlunsplit((scheme, parts.netloc, parts.path, urlencode(query), ""))
+        # Built by hand: urlunsplit drops the "//" of schemes it does not know (unix://).
+        return f"{scheme}://{parts.netloc}{parts.path}?{urlencode(query)}"
     return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, ""))
 
 

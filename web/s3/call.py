@@ -6,10 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from storage.errors import StorageError
+from storage.errors import NoSuchBucket
 from web.s3.access import Principal, check_bucket_access
 from web.s3.body import body_reader
-from web.s3.errors import S3Error, from_storage_error
+from web.s3.errors import S3Error
 from web.s3.target import Target, check_key
 
 if TYPE_CHECKING:
@@ -21,6 +21,73 @@ if TYPE_CHECKING:
 # Largest XML request document accepted (DeleteObjects with 1000 long keys, or Complete with
 # 10,000 parts, stay well below this).
 MAX_XML_BODY = 8 * 1024 * 1024
+
+
+class RequestBody:
+    """The request body as operations and the store read it.
+
+    - Reads to the very end of the stream once the declared length has been delivered: the
+      store stops at ``content_length``, but the aws-chunked final chunk signature and trailing
+      checksums are only verified when the reader reaches the end.
+    - A body without a declared length (chunked transfer encoding) is bounded by ``limit``
+      (EntityTooLarge) while it streams.
+    - A connection that breaks mid-body is IncompleteBody, not an internal error.
+    """
+
+    def __init__(self, reader: Any, limit: int | None = None) -> None:
+        self._reader = reader
+        self.content_length: int | None = reader.content_length
+        self._limit = limit
+        self._delivered = 0
+        self._finished = False
+        self._checksum_sink: dict[str, str] | None = None
+
+    def store_checksums_in(self, sink: dict[str, str]) -> None:
+        """Add the verified x-amz-checksum-* values to ``sink`` once the body has been read whole.
+
+        Trailer checksums are only known at the end of the body, after the store was handed the
+        object's metadata; the store copies ``meta.headers`` when it commits, after reading the
+        body, so checksums added here are recorded with the object.
+        """
+        self._checksum_sink = sink
+
+    @property
+    def checksums(self) -> dict[str, str]:
+        """x-amz-checksum-* values the reader verified (header or trailer), when it reports them."""
+        return self._reader.checksum_headers()
+
+    def read(self, size: int = -1) -> bytes:
+        if self._finished:
+            return b""
+        try:
+            block = self._reader.read(size)
+            if not block:
+                self._complete()
+                return b""
+            self._delivered += len(block)
+            if self._limit is not None and self._delivered > self._limit:
+                raise S3Error("EntityTooLarge", MaxSizeAllowed=str(self._limit))
+            if self.content_length is not None and self._delivered >= self.content_length:
+                self.finish()
+            return block
+        except OSError:  # gunicorn: the client closed or reset the connection
+            raise S3Error("IncompleteBody", "The connection closed before the whole body arrived.") from None
+
+    def finish(self) -> None:
+        """Read to the end of the stream (verifying what comes after the payload)."""
+        if self._finished:
+            return
+        if self.content_length is not None and self._delivered > self.content_length:
+            raise S3Error("IncompleteBody", "The body is longer than its declared length.")
+        extra = self._reader.read(1)
+        if extra:
+            raise S3Error("InvalidRequest", "The body is longer than its declared length.")
+        self._complete()
+
+    def _complete(self) -> None:
+        self._finished = True
+        if self._checksum_sink is not None:
+            self._checksum_sink.update({name.lower(): value for name, value in self.checksums.items()})
 
 
 @dataclass
@@ -57,10 +124,8 @@ class S3Call:
         name = self.target.bucket if name is None else name
         try:
             record = self.store.get_bucket(name)
-        except StorageError as exc:
-            raise from_storage_error(exc, resource=f"/{name}") from exc
-        if record is None or record.deleted:
-            raise S3Error("NoSuchBucket", resource=f"/{name}", BucketName=name)
+        except NoSuchBucket:
+            raise S3Error("NoSuchBucket", resource=f"/{name}", BucketName=name) from None
         check_bucket_access(self.principal, record, f"/{name}")
         return record
 
@@ -68,9 +133,9 @@ class S3Call:
         check_key(self.target.key, self.resource)
         return self.target.key
 
-    def body(self) -> Any:
+    def body(self, limit: int | None = None) -> RequestBody:
         """The decoded request body (aws-chunked framing removed, signatures and checksums verified)."""
-        return body_reader(self.auth, self.environ["wsgi.input"], self.headers)
+        return RequestBody(body_reader(self.auth, self.environ["wsgi.input"], self.headers), limit)
 
     def has_body(self) -> bool:
         length = self.headers.get("Content-Length")
@@ -80,20 +145,20 @@ class S3Call:
         """A small request body (an XML document) read whole, refusing anything over ``limit``."""
         if not self.has_body():
             return b""
-        reader = self.body()
-        declared = getattr(reader, "content_length", None)
+        reader = self.body(limit)
+        declared = reader.content_length
         if declared is not None and declared > limit:
             raise S3Error("MaxMessageLengthExceeded", resource=self.resource)
         parts: list[bytes] = []
         received = 0
-        while True:
-            block = reader.read(64 * 1024)
-            if not block:
-                break
-            received += len(block)
-            if received > limit:
-                raise S3Error("MaxMessageLengthExceeded", resource=self.resource)
-            parts.append(block)
+        try:
+            while block := reader.read(64 * 1024):
+                received += len(block)
+                parts.append(block)
+        except S3Error as exc:
+            if exc.code == "EntityTooLarge":
+                raise S3Error("MaxMessageLengthExceeded", resource=self.resource) from None
+            raise
         if declared is not None and received != declared:
             raise S3Error("IncompleteBody", resource=self.resource)
         return b"".join(parts)

@@ -38,6 +38,7 @@ S3_ERRORS: dict[str, tuple[int, str]] = {
     "KeyTooLongError": (400, "Your key is too long."),
     "MaxMessageLengthExceeded": (400, "Your request was too big."),
     "MetadataTooLarge": (400, "Your metadata headers exceed the maximum allowed metadata size."),
+    "MalformedTrailerError": (400, "The request contained trailing data that was not well-formed or did not conform to our published schema."),
     "MalformedXML": (400, "The XML you provided was not well-formed or did not validate against our published schema."),
     "MethodNotAllowed": (405, "The specified method is not allowed against this resource."),
     "MissingContentLength": (411, "You must provide the Content-Length HTTP header."),

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import TYPE_CHECKING
 
+from web.s3.body import stored_content_encoding
 from web.s3.errors import S3Error
 
 if TYPE_CHECKING:
@@ -32,21 +33,12 @@ class RequestMeta:
     user_meta: dict[str, str] = field(default_factory=dict)
 
 
-def content_encoding_without_aws_chunked(value: str | None) -> str | None:
-    """Content-Encoding minus the ``aws-chunked`` transfer framing (None if nothing remains)."""
-    if not value:
-        return None
-    codings = [c.strip() for c in value.split(",") if c.strip() and c.strip().lower() != "aws-chunked"]
-    return ", ".join(codings) or None
-
-
 def request_meta(headers: Mapping[str, str]) -> RequestMeta:
     """Stored metadata from request headers (Content-Type, the standard headers, x-amz-meta-*)."""
     stored: dict[str, str] = {}
     for name in STORED_HEADERS:
-        value = headers.get(name)
-        if name == "Content-Encoding":
-            value = content_encoding_without_aws_chunked(value)
+        # aws-chunked is transfer framing (decoded by the body reader), never the object's encoding.
+        value = stored_content_encoding(headers) if name == "Content-Encoding" else headers.get(name)
         if value:
             stored[name] = value
     user_meta: dict[str, str] = {}

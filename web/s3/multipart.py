@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Response
 
+from storage.errors import NoSuchUpload
 from web.s3 import xml
 from web.s3.call import S3Call
 from web.s3.conditions import parse_copy_source_range
@@ -23,7 +24,10 @@ MAX_PART_SIZE = 5 * 1024**3  # S3's limit for one part
 def _upload(call: S3Call) -> Any:
     """The upload named by ?uploadId, which must belong to the request's bucket and key."""
     upload_id = call.param("uploadId") or ""
-    upload = call.store.get_upload(upload_id)
+    try:
+        upload = call.store.get_upload(upload_id)
+    except NoSuchUpload:
+        upload = None
     if upload is None or upload.bucket != call.bucket_name or upload.key != call.key:
         raise S3Error("NoSuchUpload", resource=call.resource, UploadId=upload_id)
     return upload
@@ -35,6 +39,11 @@ def _part_number(call: S3Call) -> int:
         raise S3Error("InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive",
                       resource=call.resource, ArgumentName="partNumber", ArgumentValue=text)
     return int(text)
+
+
+def part_without_upload(call: S3Call) -> Response:
+    raise S3Error("InvalidArgument", "A part number needs an uploadId (UploadPart).", resource=call.resource,
+                  ArgumentName="uploadId", ArgumentValue="")
 
 
 def create_multipart_upload(call: S3Call) -> Response:
@@ -62,7 +71,7 @@ def upload_part(call: S3Call) -> Response:
     reader, length = open_upload_body(call, MAX_PART_SIZE)
     part = call.store.upload_part(upload.upload_id, number, reader, length, content_md5=md5)
     headers = {"ETag": quote_etag(part.etag)}
-    headers.update(verified_checksums(call, reader))
+    headers.update(verified_checksums(reader))
     return empty_response(200, headers)
 
 
@@ -87,12 +96,6 @@ def complete_multipart_upload(call: S3Call) -> Response:
     key = call.checked_key()
     upload = _upload(call)
     parts = xml.parse_complete_multipart(call.small_body())
-    numbers = [number for number, _ in parts]
-    if any(not 1 <= number <= MAX_PART_NUMBER for number in numbers):
-        raise S3Error("InvalidPart", "Part numbers must be between 1 and 10000.", resource=call.resource)
-    if any(later <= earlier for earlier, later in zip(numbers, numbers[1:], strict=False)):
-        raise S3Error("InvalidPartOrder", "The list of parts was not in ascending order. Parts must be ordered "
-                      "by part number.", resource=call.resource, UploadId=upload.upload_id)
     record = call.store.complete_multipart(upload.upload_id, parts)
     root = xml.document("CompleteMultipartUploadResult")
     host = call.headers.get("Host", "")
@@ -129,8 +132,7 @@ def list_parts(call: S3Call) -> Response:
     xml.child(root, "StorageClass", "STANDARD")
     xml.child(root, "PartNumberMarker", marker)
     parts = list(page.parts)
-    if parts:
-        xml.child(root, "NextPartNumberMarker", parts[-1].part_number)
+    xml.child(root, "NextPartNumberMarker", page.next_marker)
     xml.child(root, "MaxParts", max_parts)
     xml.child(root, "IsTruncated", page.is_truncated)
     for part in parts:
@@ -160,9 +162,9 @@ def list_multipart_uploads(call: S3Call) -> Response:
     root = xml.document("ListMultipartUploadsResult")
     xml.children(root, [("Bucket", call.bucket_name), ("KeyMarker", enc(key_marker)),
                         ("UploadIdMarker", upload_id_marker)])
-    if page.is_truncated and uploads:
-        xml.children(root, [("NextKeyMarker", enc(uploads[-1].key)),
-                            ("NextUploadIdMarker", uploads[-1].upload_id)])
+    if page.is_truncated:
+        xml.children(root, [("NextKeyMarker", enc(page.next_key_marker)),
+                            ("NextUploadIdMarker", page.next_upload_id_marker)])
     xml.children(root, [("Prefix", enc(prefix)), ("MaxUploads", max_uploads),
                         ("IsTruncated", page.is_truncated)])
     if url_encoded:

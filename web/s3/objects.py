@@ -12,7 +12,7 @@ from flask import Response
 from storage.errors import StorageError
 from storage.objects import ObjectMeta
 from web.s3 import xml
-from web.s3.call import S3Call
+from web.s3.call import RequestBody, S3Call
 from web.s3.conditions import Preconditions, check_copy_source, evaluate, parse_range
 from web.s3.errors import S3Error, from_storage_error
 from web.s3.headers import (
@@ -47,37 +47,24 @@ def object_meta(meta: RequestMeta) -> ObjectMeta:
 # ---------------------------------------------------------------------------------------------
 
 
-class LimitedBody:
-    """A body reader that refuses to deliver more than ``limit`` bytes (EntityTooLarge): bodies
-    without a declared length (chunked transfer encoding) are bounded while they stream."""
-
-    def __init__(self, reader: Any, limit: int) -> None:
-        self._reader = reader
-        self._remaining = limit
-        self._limit = limit
-
-    def read(self, size: int = -1) -> bytes:
-        block = self._reader.read(size)
-        self._remaining -= len(block)
-        if self._remaining < 0:
-            raise S3Error("EntityTooLarge", MaxSizeAllowed=str(self._limit))
-        return block
-
-
-def open_upload_body(call: S3Call, limit: int) -> tuple[Any, int | None]:
+def open_upload_body(call: S3Call, limit: int,
+                     checksum_sink: dict[str, str] | None = None) -> tuple[RequestBody, int | None]:
     """(reader, decoded length or None) for an object or part body, after the length checks S3
-    makes before reading: MissingContentLength, EntityTooLarge."""
+    makes before reading: MissingContentLength, EntityTooLarge. Verified checksums go to
+    ``checksum_sink`` (the stored headers) when the body has been read."""
     headers = call.headers
     chunked_transfer = "chunked" in headers.get("Transfer-Encoding", "").lower()
     if headers.get("Content-Length") is None and not chunked_transfer:
         raise S3Error("MissingContentLength", resource=call.resource)
-    reader = call.body()
+    reader = call.body(limit)
+    if checksum_sink is not None:
+        reader.store_checksums_in(checksum_sink)
     length = reader.content_length
     if length is not None and length > limit:
         raise S3Error("EntityTooLarge", resource=call.resource, ProposedSize=str(length),
                       MaxSizeAllowed=str(limit))
-    if length is None:
-        reader = LimitedBody(reader, limit)
+    if length == 0:
+        reader.finish()  # the store reads nothing: verify the (empty) payload's framing now
     return reader, length
 
 
@@ -86,12 +73,9 @@ def checksum_headers_of(source: Any) -> dict[str, str]:
     return {name: value for name, value in source.items() if name.lower() in CHECKSUM_HEADERS}
 
 
-def verified_checksums(call: S3Call, reader: Any) -> dict[str, str]:
+def verified_checksums(reader: RequestBody) -> dict[str, str]:
     """Checksums the body reader verified (header or trailer), to store and echo like S3."""
-    found = getattr(reader, "checksums", None)
-    if found:
-        return {name.lower(): value for name, value in dict(found).items()}
-    return {name.lower(): value for name, value in checksum_headers_of(call.headers).items()}
+    return {name.lower(): value for name, value in reader.checksums.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,16 +96,14 @@ def put_object(call: S3Call) -> Response:
         raise S3Error("NotImplemented", "If-None-Match on PUT only supports '*'.", resource=call.resource)
     md5 = content_md5(call.headers)
     meta = request_meta(call.headers)
-    reader, length = open_upload_body(call, call.service.settings.s3.max_object_size)
-    # Checksums sent as headers are known now; trailer checksums are added by the reader once
-    # verified at the end of the body (the dict is shared so the store records them).
     stored_headers = dict(meta.headers)
+    reader, length = open_upload_body(call, call.service.settings.s3.max_object_size, stored_headers)
     record = call.store.put_object(
         call.bucket_name, key, reader, content_length=length,
         meta=ObjectMeta(content_type=meta.content_type, headers=stored_headers, user_meta=meta.user_meta),
         content_md5=md5, if_none_match_any=if_none_match is not None)
     response_headers = {"ETag": quote_etag(record.etag)}
-    response_headers.update(checksum_headers_of(record.headers) or verified_checksums(call, reader))
+    response_headers.update(checksum_headers_of(record.headers) or verified_checksums(reader))
     return empty_response(200, response_headers)
 
 
@@ -233,15 +215,20 @@ def delete_objects(call: S3Call) -> Response:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_version_id(version_id: str | None, resource: str) -> None:
+    """Objects here have one version, S3's "null" version (versioning never enabled): any other
+    version ID cannot exist."""
+    if version_id is not None and version_id != "null":
+        raise S3Error("InvalidArgument", "Invalid version id specified", resource=resource,
+                      ArgumentName="versionId", ArgumentValue=version_id)
+
+
 def parse_copy_source(call: S3Call) -> tuple[str, str]:
     """(bucket, key) of x-amz-copy-source: ``[/]bucket/key[?versionId=v]``, URL-encoded."""
     value = call.headers.get("x-amz-copy-source", "")
     path, _, query = value.partition("?")
     if query:
-        version = query.partition("versionId=")[2]
-        if version and version != "null":
-            raise S3Error("NotImplemented", "Object versions are not supported (copy source versionId).",
-                          resource=call.resource)
+        check_version_id(query.partition("versionId=")[2] or None, call.resource)
     try:
         decoded = unquote(path, errors="strict")
     except UnicodeDecodeError:

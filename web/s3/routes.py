@@ -4,8 +4,8 @@ those, not on paths Werkzeug could match)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, current_app, request
@@ -20,6 +20,9 @@ from web.s3.target import Target, parse_target
 Operation = Callable[[S3Call], Response]
 
 METHODS = ["GET", "HEAD", "PUT", "POST", "DELETE"]
+# Unauthenticated liveness probe for the supervisor and tests; "_health" can never be a bucket
+# (S3 names have no underscores).
+HEALTH_PATH = "/_health"
 
 # (method, sub-resource or None) -> operation, per level of the path.
 SERVICE_OPERATIONS: dict[tuple[str, str | None], Operation] = {
@@ -45,6 +48,7 @@ OBJECT_OPERATIONS: dict[tuple[str, str | None], Operation] = {
     ("HEAD", "partNumber"): objects.head_object,
     ("PUT", None): objects.put_object,
     ("PUT", "uploadId"): multipart.upload_part,
+    ("PUT", "partNumber"): multipart.part_without_upload,
     ("POST", "uploads"): multipart.create_multipart_upload,
     ("POST", "uploadId"): multipart.complete_multipart_upload,
     ("DELETE", None): objects.delete_object,
@@ -60,6 +64,8 @@ def choose_operation(method: str, target: Target) -> Operation:
     else:
         table, level = OBJECT_OPERATIONS, "object"
     subresource = target.subresource
+    if subresource == "versionId":  # only the "null" version exists (see objects.check_version_id)
+        objects.check_version_id(target.params["versionId"], target.resource)
     operation = table.get((method, subresource))
     if operation is not None:
         return operation
@@ -87,6 +93,8 @@ def handle() -> Response:
     """The whole S3 API. Runs as a before_request hook, so Werkzeug's URL matching (which would
     merge slashes or refuse keys with newlines) never decides anything."""
     s3 = service()
+    if request.path == HEALTH_PATH and request.method in ("GET", "HEAD"):
+        return Response(b"ok\n", content_type="text/plain")
     target = parse_target(request.environ, virtual_host_bases(s3))
     if request.method not in METHODS:
         raise S3Error("MethodNotAllowed", resource=target.resource, Method=request.method,
@@ -94,8 +102,10 @@ def handle() -> Response:
     s3.mesh_token()  # refuse everything, with a clear message, until the node has joined a mesh
     settings = s3.settings.s3
     auth = verify_request(request.method, target.raw_path, target.raw_query, request.headers,
-                          lookup_secret=s3.lookup_secret, region=settings.region, now=time.time(),
-                          max_skew=settings.max_clock_skew, max_presign_expiry=settings.max_presign_expiry)
+                          lookup_secret=s3.lookup_secret, region=settings.region, now=datetime.now(UTC),
+                          max_skew=settings.max_clock_skew, max_presign_expiry=settings.max_presign_expiry,
+                          # `aws s3 presign` and boto3 presign with SigV2 for custom endpoints
+                          allow_sigv2_presigned=True)
     operation = choose_operation(request.method, target)
     call = S3Call(method=request.method, target=target, headers=request.headers, environ=request.environ,
                   auth=auth, principal=s3.principal(auth.peer_id), service=s3)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlsplit
 
 from web.s3.errors import S3Error
 
@@ -22,7 +22,7 @@ SUBRESOURCES = frozenset({
     "inventory", "legal-hold", "lifecycle", "location", "logging", "metadataConfiguration",
     "metadataTable", "metrics", "notification", "object-lock", "ownershipControls", "partNumber",
     "policy", "policyStatus", "publicAccessBlock", "rename", "replication", "requestPayment", "restore",
-    "retention", "select", "session", "tagging", "torrent", "uploadId", "uploads", "versionId",
+    "retention", "select", "session", "tagging", "torrent", "uploadId", "uploads", "versionId",  # "null": plain
     "versioning", "versions", "website",
 })
 # When several sub-resources appear, the first of these decides (uploadId+partNumber = UploadPart).
@@ -46,7 +46,8 @@ class Target:
 
     @property
     def subresource(self) -> str | None:
-        present = [name for name in self.params if name in SUBRESOURCES]
+        present = [name for name in self.params if name in SUBRESOURCES
+                   and not (name == "versionId" and self.params[name] == "null")]
         for name in _PRECEDENCE:
             if name in present:
                 return name
@@ -68,8 +69,14 @@ def raw_target(environ: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def _decode(raw: str, what: str) -> str:
+    """Percent-decode once and read as UTF-8. WSGI strings carry raw bytes as latin-1, so bytes a
+    client sent unencoded are recovered before decoding."""
     try:
-        return unquote(raw, encoding="utf-8", errors="strict")
+        try:
+            data = unquote_to_bytes(raw.encode("latin-1"))
+        except UnicodeEncodeError:
+            data = unquote_to_bytes(raw)
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise S3Error("InvalidURI", f"The {what} is not valid UTF-8 once percent-decoded.") from None
 

@@ -32,6 +32,10 @@ def _char_ref(match: re.Match[bytes]) -> bytes:
     return b"&#x%X;" % ord(match.group().decode())
 
 
+def _percent_escape(match: re.Match[bytes]) -> bytes:
+    return b"".join(b"%%%02X" % byte for byte in match.group())
+
+
 def document(root_name: str) -> Element:
     """A response root element in S3's namespace."""
     return Element(root_name, xmlns=S3_NS)
@@ -60,9 +64,12 @@ def owner(parent: Element, peer_id: str, name: str = "Owner") -> Element:
     return element
 
 
-def to_bytes(root: Element) -> bytes:
+def to_bytes(root: Element, *, strictly_valid: bool = False) -> bytes:
+    """Serialize with the XML declaration. Characters XML 1.0 cannot carry become character
+    references as S3 writes them (listings: clients ask for encoding-type=url to avoid them), or,
+    with ``strictly_valid``, percent escapes, so that any XML parser reads the document."""
     body = ET.tostring(root, encoding="utf-8", xml_declaration=False)
-    return _DECLARATION + _XML_INVALID_BYTES.sub(_char_ref, body)
+    return _DECLARATION + _XML_INVALID_BYTES.sub(_percent_escape if strictly_valid else _char_ref, body)
 
 
 def iso8601(timestamp_us: int) -> str:
@@ -78,7 +85,7 @@ def error_document(code: str, message: str, resource: str | None, request_id: st
     for name, value in (extra or {}).items():
         child(root, name, value)
     children(root, [("Resource", resource), ("RequestId", request_id)])
-    return to_bytes(root)
+    return to_bytes(root, strictly_valid=True)  # every client must be able to read its errors
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from storage.versions import (
     VersionVector,
     choose_winner,
     next_timestamp,
+    prefer,
     resolve,
 )
 
@@ -176,6 +177,14 @@ def test_choose_winner_is_commutative_and_merges(a: Version, b: Version) -> None
     assert choose_winner(a, b) == choose_winner(b, a)
     w = choose_winner(a, b)
     assert w.vv == a.vv.merge(b.vv)
+    side = prefer(a, b)
+    assert side is a or side is b
+    assert (side.last_modified_us, side.writer, side.deleted, side.etag) == (
+        w.last_modified_us,
+        w.writer,
+        w.deleted,
+        w.etag,
+    )
     # The stored result settles the question: re-applying either input changes nothing.
     assert choose_winner(w, a) == w and choose_winner(w, b) == w
 
@@ -264,6 +273,10 @@ def test_version_round_trip_and_validation() -> None:
         Version.from_dict({"vv": {"a.1": 0}, "last_modified_us": 1, "writer": "a.1"})
     with pytest.raises(ValueError):
         Version.from_dict({"vv": {}})
+    with pytest.raises(ValueError):
+        Version.from_dict({"vv": {}, "last_modified_us": 1.5, "writer": "a.1"})
+    with pytest.raises(ValueError):
+        Version.from_dict({"vv": {}, "last_modified_us": 1, "writer": "a.1", "deleted": "yes"})
     with pytest.raises(TypeError):
         Version({"a.1": 1}, 1, "a.1")  # type: ignore[arg-type]
 
