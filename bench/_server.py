@@ -1,7 +1,9 @@
 """A standalone S3 server for tests and benchmarks: one gunicorn serving ``web.s3:create_app()``
 on a free loopback port, over a fresh data directory with a mesh token and a node identity.
 
-No Redis and no other coordinator process: the S3 API needs only the storage core. Everything
+It is started exactly as the supervisor starts a coordinator's S3 process (same command line,
+gunicorn settings and environment: ``tunnelmesh.supervisor.role_argv("s3")``), but alone: no
+Redis and no other coordinator process, since the S3 API needs only the storage core. Everything
 started here is stopped by PID (master, then any worker left), also when a test fails.
 
     with S3Server(tmp_path) as server:
@@ -10,7 +12,6 @@ started here is stopped by PID (master, then any worker left), also when a test 
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -28,8 +29,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from tunnelmesh import identity  # noqa: E402
-from tunnelmesh.config import CONFIG_ENV, load_config  # noqa: E402
-from web.s3.server import gunicorn_command  # noqa: E402
+from tunnelmesh.config import load_config  # noqa: E402
+from tunnelmesh.supervisor import child_env, role_argv  # noqa: E402
 
 REGION = "us-east-1"
 
@@ -85,12 +86,12 @@ class S3Server:
     def start(self, timeout: float = 30.0) -> S3Server:
         self.write_config()
         settings = load_config(self.config_path)
-        command = gunicorn_command(settings, bind=f"127.0.0.1:{self.port}")
+        command = role_argv("s3", settings)
         command[-1:-1] = self.extra_args
-        env = {**os.environ, CONFIG_ENV: str(self.config_path), "PYTHONUNBUFFERED": "1"}
+        env = child_env(settings, self.config_path, "s3")
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL)
+                                        stdin=subprocess.DEVNULL, cwd=self.root)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -321,6 +321,7 @@ def run(role: str, address: str | None, config: str, token: str | None, wait: fl
 
     token = _check_token(token)
     settings = _load(config)
+    config_path = Path(config).resolve()  # before the chdir below
     argv = role_argv(role, settings)
     if print_only:
         _out(" ".join(argv))
@@ -334,7 +335,8 @@ def run(role: str, address: str | None, config: str, token: str | None, wait: fl
     run_dir(settings).mkdir(parents=True, exist_ok=True)
     os.chdir(run_dir(settings))
     sys.stdout.flush()
-    os.execve(argv[0], argv, child_env(settings, Path(config).resolve(), role))
+    env = child_env(settings, config_path, role)
+    os.execve(argv[0], argv, env)
     return 0  # not reached
 
 

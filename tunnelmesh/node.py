@@ -199,12 +199,17 @@ def register_with(url: str, token: str, payload: dict[str, Any], *, timeout: flo
         resp = requests.post(f"{url}{REGISTER_PATH}", json=payload, timeout=(min(5.0, timeout), timeout),
                              headers={"Authorization": f"Bearer {token}"})
     except requests.RequestException as exc:
-        reason = exc.__class__.__name__
-        inner = getattr(exc, "args", None)
-        if inner and "Connection refused" in str(inner):
-            reason = "connection refused"
-        elif isinstance(exc, requests.Timeout):
+        text = str(exc)
+        if isinstance(exc, requests.Timeout):
             reason = "timed out"
+        elif isinstance(exc, requests.exceptions.SSLError):
+            reason = "TLS handshake failed"
+        elif "refused" in text.lower():
+            reason = "connection refused"
+        elif any(s in text for s in ("Name or service not known", "nodename nor servname", "name resolution")):
+            reason = "unknown host"
+        else:
+            reason = exc.__class__.__name__
         raise RegistrationError(f"cannot reach the coordinator at {url} ({reason})", retryable=True) from None
     try:
         body = resp.json()
@@ -216,9 +221,11 @@ def register_with(url: str, token: str, payload: dict[str, Any], *, timeout: flo
     if resp.status_code >= 500:
         raise RegistrationError(f"the coordinator at {url} failed to register this node (HTTP "
                                 f"{resp.status_code}: {message or 'server error'})", retryable=True)
-    if resp.status_code != 200 or not isinstance(body, dict):
+    if resp.status_code != 200:
         raise RegistrationError(f"the coordinator at {url} refused the registration (HTTP "
                                 f"{resp.status_code}: {message or resp.reason})")
+    if not isinstance(body, dict) or not isinstance(body.get("mesh_ip"), str):
+        raise RegistrationError(f"{url} did not answer like a TunnelMesh coordinator (no registration in the response)")
     return RegistrationResult(url=url, response=body)
 
 

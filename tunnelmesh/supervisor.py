@@ -235,6 +235,7 @@ def child_env(settings: Settings, config_path: Path, role: str) -> dict[str, str
         env["PYTHONPATH"] = os.pathsep.join([project_root, *paths])
     env["PYTHONUNBUFFERED"] = "1"  # lines reach the log as they are written
     env.pop("TUNNELMESH_TOKEN", None)  # children read the token from the data directory
+    env.pop(GUNICORN_ROLE_ENV, None)
     if role in ("web", "s3"):
         env[GUNICORN_ROLE_ENV] = role
     return env
@@ -602,7 +603,10 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     self.log(f"{child.name} (pid {child.pid}) did not stop within {timeout:g}s: killing it")
                 self._kill_group(child, signal.SIGKILL)  # the child and anything left in its group
-                child.proc.wait()
+                try:
+                    child.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:  # stuck in the kernel (D state): nothing more to do
+                    self.log(f"{child.name} (pid {child.pid}) survived SIGKILL for 10s")
                 child.state = "stopped"
         for child in self.children:
             if child.reader is not None:

@@ -8,19 +8,20 @@ coordinator, and a crashed child is restarted (or the coordinator gives up, as d
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 import pytest
-import requests
 
 from tests.support import Coordinator, processes_with_config, wait_for
 from tunnelmesh.identity import s3_credentials
+from tunnelmesh.redis_server import redis_binary
 
 pytestmark = pytest.mark.integration
 
@@ -108,9 +109,7 @@ def test_second_coordinator_joins_with_printed_token(make_coordinator: Callable[
     assert a.ping_record(marker_b) is None  # separate Redis servers
 
     # coordinator-a knows coordinator-b: a node registering now gets both in its coordinator list.
-    public_key = base64.b64encode(os.urandom(32)).decode()
-    resp = requests.post(f"{a.api_url}/api/v1/register", timeout=10, headers={"Authorization": f"Bearer {token}"},
-                         json={"name": "peer-1", "public_key": public_key, "addresses": ["192.0.2.7"]})
+    resp = a.register_peer("peer-1", addresses=["192.0.2.7"])
     assert resp.status_code == 200, resp.text
     body = resp.json()
     names = [c["name"] for c in body["coordinators"]]
@@ -128,7 +127,14 @@ def test_second_coordinator_joins_with_printed_token(make_coordinator: Callable[
 
 
 @pytest.mark.slow
-def test_queued_task_survives_sigkill_of_the_whole_coordinator(coordinator: Coordinator) -> None:
+def test_queued_task_and_stored_objects_survive_sigkill_of_the_whole_coordinator(
+        make_coordinator: Callable[..., Coordinator]) -> None:
+    coordinator = make_coordinator("coordinator-a", settings={"storage": {"chunk_size": "64KiB"}})
+    coordinator.start()
+    body = os.urandom(300 * 1024)  # five chunks
+    s3 = coordinator.s3_client()
+    s3.create_bucket(Bucket="keep")
+    s3.put_object(Bucket="keep", Key="dir/object.bin", Body=body)  # acknowledged: must survive
     pids = coordinator.pids()
     worker = psutil.Process(pids["worker"])
     files_before = {p: p.read_bytes() for p in [coordinator.data_dir / "identity" / "node.key",
@@ -154,6 +160,7 @@ def test_queued_task_survives_sigkill_of_the_whole_coordinator(coordinator: Coor
     record = coordinator.wait_ping(marker, timeout=30)
     assert record["marker"] == marker
     assert coordinator.peer_id == peer_id and coordinator.health()["peer_id"] == peer_id
+    assert coordinator.s3_client().get_object(Bucket="keep", Key="dir/object.bin")["Body"].read() == body
     assert coordinator.stop() == 0
 
 
@@ -185,3 +192,26 @@ def test_the_coordinator_gives_up_when_a_child_keeps_crashing(
     assert node.proc.wait(30) == 1
     assert "giving up, stopping the coordinator" in node.output()
     node.assert_no_leftovers()
+
+
+@pytest.mark.slow
+def test_an_external_redis_replaces_the_bundled_one(make_coordinator: Callable[..., Coordinator],
+                                                    tm_root: Path) -> None:
+    external = tm_root / "external-redis"
+    external.mkdir()
+    sock = external / "redis.sock"
+    server = subprocess.Popen([str(redis_binary()), "--port", "0", "--unixsocket", str(sock), "--dir", str(external),
+                               "--save", ""], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        wait_for(sock.exists, 10, "the external redis socket")
+        node = make_coordinator("coordinator-a", settings={"redis": {"url": f"unix://{sock}"}})
+        node.start()
+        assert set(node.pids()) == CHILDREN - {"redis"}
+        assert not (node.data_dir / "redis" / "redis.sock").exists()
+        node.wait_ping(node.send_ping())
+        assert node.stop() == 0
+        assert server.poll() is None  # not the coordinator's to stop
+    finally:
+        server.kill()
+        server.wait(10)

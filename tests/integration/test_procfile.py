@@ -95,11 +95,14 @@ def test_honcho_start_runs_a_local_mesh_of_two(mesh_copy: dict[str, object]) -> 
         assert "sending SIGKILL" not in output, "honcho had to SIGKILL: the coordinators did not stop in time"
         assert output.count("tunnelmesh | stopped") == 2
     finally:
+        # Whatever happened: kill honcho, everything under it now or recorded earlier, and every
+        # child of the coordinators (found by the config in their environment).
         victims = [p for p in tree if p.is_running()]
+        if proc.poll() is None:
+            root_proc = psutil.Process(proc.pid)
+            victims += [root_proc, *root_proc.children(recursive=True)]
         for config in configs:
             victims += processes_with_config(config)
-        if proc.poll() is None:
-            victims.append(psutil.Process(proc.pid))
         for victim in victims:
             try:
                 victim.kill()

@@ -15,6 +15,7 @@ SIGKILLs whatever is left even when a test failed half way.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -192,6 +193,7 @@ class Coordinator:
               timeout: float = 90, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         """Run ``tunnelmesh join [ADDRESS] [--token T] --config <config>`` in the background."""
         assert self.proc is None or self.proc.poll() is not None, f"{self.name} is already running"
+        self._start_args = {"join": join, "token": token, "extra_args": extra_args, "env": env}
         argv = [*tunnelmesh_command(), "join"]
         if join is not None:
             argv.append(join.address if isinstance(join, Coordinator) else join)
@@ -326,9 +328,10 @@ class Coordinator:
         return pid
 
     def restart(self, **start_args: Any) -> None:
+        """Stop (SIGTERM) if running, then start again with the previous arguments unless given."""
         if self.running():
             self.stop()
-        self.start(**start_args)
+        self.start(**{**getattr(self, "_start_args", {}), **start_args})
 
     def kill_everything(self) -> None:
         """SIGKILL every process of this coordinator (cleanup; never fails)."""
@@ -354,6 +357,15 @@ class Coordinator:
             pass
         finally:
             self.kill_everything()
+
+    def register_peer(self, name: str, *, public_key: str | None = None, token: str | None = None,
+                      **fields: Any) -> requests.Response:
+        """POST /api/v1/register for a node called ``name`` (a fresh key unless given)."""
+        if public_key is None:
+            public_key = base64.b64encode(os.urandom(32)).decode()
+        body = {"name": name, "public_key": public_key, **fields}
+        return requests.post(f"{self.api_url}/api/v1/register", json=body, timeout=10,
+                             headers={"Authorization": f"Bearer {token or self.token}"})
 
     # -- Redis and Celery of this coordinator ---------------------------------------------
 

@@ -199,3 +199,30 @@ def test_settings_object_is_frozen() -> None:
     s: Settings = settings_from_dict({"name": "a"})
     with pytest.raises(Exception):  # noqa: B017 - pydantic raises its own ValidationError
         s.name = "b"  # type: ignore[misc]
+
+
+def _keys(model: type, prefix: str = "") -> list[str]:
+    from pydantic import BaseModel
+
+    keys = []
+    for name, field in model.model_fields.items():
+        if field.exclude:
+            continue
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += _keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def test_every_setting_is_documented() -> None:
+    """docs/configuration.md names every key of the schema (in a table row of its section)."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    missing = []
+    for key in _keys(Settings):
+        section, _, rest = key.partition(".")
+        row_key = rest if rest else section  # rows name the key within its section: `tls.cert`
+        if f"| `{row_key}` |" not in text:
+            missing.append(key)
+    assert not missing, f"undocumented settings: {missing}"

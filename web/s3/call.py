@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from storage.errors import NoSuchBucket
 from web.s3.access import Principal, check_bucket_access
-from web.s3.body import body_reader
+from web.s3.body import BodyReader, body_reader
 from web.s3.errors import S3Error
 from web.s3.target import Target, check_key
 
@@ -26,15 +26,16 @@ MAX_XML_BODY = 8 * 1024 * 1024
 class RequestBody:
     """The request body as operations and the store read it.
 
-    - Reads to the very end of the stream once the declared length has been delivered: the
-      store stops at ``content_length``, but the aws-chunked final chunk signature and trailing
-      checksums are only verified when the reader reaches the end.
+    - Reaches the end of the stream once the declared length has been delivered (the store
+      stops reading at ``content_length``): the final chunk signature and trailing checksums of
+      an aws-chunked body are verified there. The body reader already does this before handing
+      out the last bytes; ``finish`` keeps it true for empty bodies, which the store never reads.
     - A body without a declared length (chunked transfer encoding) is bounded by ``limit``
       (EntityTooLarge) while it streams.
     - A connection that breaks mid-body is IncompleteBody, not an internal error.
     """
 
-    def __init__(self, reader: Any, limit: int | None = None) -> None:
+    def __init__(self, reader: BodyReader, limit: int | None = None) -> None:
         self._reader = reader
         self.content_length: int | None = reader.content_length
         self._limit = limit

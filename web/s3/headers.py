@@ -20,8 +20,7 @@ USER_META_PREFIX = "x-amz-meta-"
 MAX_USER_META_BYTES = 2 * 1024  # S3's limit on the user-defined metadata of one object
 # Standard headers stored with an object and returned on GET/HEAD, in S3's spelling.
 STORED_HEADERS = ("Content-Disposition", "Content-Encoding", "Content-Language", "Cache-Control", "Expires")
-CHECKSUM_HEADERS = ("x-amz-checksum-crc32", "x-amz-checksum-crc32c", "x-amz-checksum-crc64nvme",
-                    "x-amz-checksum-sha1", "x-amz-checksum-sha256")
+CHECKSUM_PREFIX = "x-amz-checksum-"  # stored x-amz-checksum-<algorithm> values
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ def object_headers(record: ObjectRecord, *, with_checksums: bool) -> dict[str, s
         "Accept-Ranges": "bytes",
     }
     for name, value in (record.headers or {}).items():
-        if name.lower().startswith("x-amz-checksum-"):
+        if name.lower().startswith(CHECKSUM_PREFIX):
             if with_checksums:
                 headers[name] = value
         else:

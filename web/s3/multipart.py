@@ -3,11 +3,12 @@ ListMultipartUploads. Parts stream to the chunk store; completing concatenates c
 
 from __future__ import annotations
 
-from typing import Any
+from urllib.parse import quote
 
 from flask import Response
 
 from storage.errors import NoSuchUpload
+from storage.metadata import UploadRecord
 from web.s3 import xml
 from web.s3.call import S3Call
 from web.s3.conditions import parse_copy_source_range
@@ -21,7 +22,7 @@ MAX_PART_NUMBER = 10_000
 MAX_PART_SIZE = 5 * 1024**3  # S3's limit for one part
 
 
-def _upload(call: S3Call) -> Any:
+def _upload(call: S3Call) -> UploadRecord:
     """The upload named by ?uploadId, which must belong to the request's bucket and key."""
     upload_id = call.param("uploadId") or ""
     try:
@@ -99,8 +100,9 @@ def complete_multipart_upload(call: S3Call) -> Response:
     record = call.store.complete_multipart(upload.upload_id, parts)
     root = xml.document("CompleteMultipartUploadResult")
     host = call.headers.get("Host", "")
+    scheme = call.environ.get("wsgi.url_scheme", "http")
     xml.children(root, [
-        ("Location", f"http://{host}/{call.bucket_name}/{key}"),
+        ("Location", f"{scheme}://{host}/{call.bucket_name}/{quote(key)}"),
         ("Bucket", call.bucket_name), ("Key", key), ("ETag", quote_etag(record.etag)),
     ])
     return xml_response(root)

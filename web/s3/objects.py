@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
-from typing import Any
+from collections.abc import Mapping
 from urllib.parse import unquote
 
 from flask import Response
 
 from storage.errors import StorageError
+from storage.metadata import ObjectRecord
 from storage.objects import ObjectMeta
 from web.s3 import xml
 from web.s3.call import RequestBody, S3Call
 from web.s3.conditions import Preconditions, check_copy_source, evaluate, parse_range
 from web.s3.errors import S3Error, from_storage_error
 from web.s3.headers import (
-    CHECKSUM_HEADERS,
+    CHECKSUM_PREFIX,
     RequestMeta,
     content_md5,
     http_date,
@@ -68,9 +68,9 @@ def open_upload_body(call: S3Call, limit: int,
     return reader, length
 
 
-def checksum_headers_of(source: Any) -> dict[str, str]:
-    """The x-amz-checksum-* entries of a header mapping (request or stored record headers)."""
-    return {name: value for name, value in source.items() if name.lower() in CHECKSUM_HEADERS}
+def checksum_headers_of(stored: Mapping[str, str]) -> dict[str, str]:
+    """The x-amz-checksum-<algorithm> entries of an object's stored headers."""
+    return {name: value for name, value in stored.items() if name.lower().startswith(CHECKSUM_PREFIX)}
 
 
 def verified_checksums(reader: RequestBody) -> dict[str, str]:
@@ -112,7 +112,7 @@ def put_object(call: S3Call) -> Response:
 # ---------------------------------------------------------------------------------------------
 
 
-def _part_range(call: S3Call, record: Any) -> tuple[int, int] | None:
+def _part_range(call: S3Call, record: ObjectRecord) -> tuple[int, int] | None:
     """The byte range of ``?partNumber=N`` (a multipart object's part N; part 1 of a single PUT is
     the whole object)."""
     text = call.param("partNumber")
@@ -168,8 +168,8 @@ def get_object(call: S3Call, *, head: bool = False) -> Response:
     # Read the first block before answering: a missing or corrupt first chunk is then still an
     # S3 error response instead of a connection cut after a 200.
     first = next(blocks, b"")
-    return stream_response(body_stream(first, blocks, request_id(), call.resource), status, headers,
-                           end - start)
+    body = body_stream(first, blocks, request_id(), call.resource)
+    return stream_response(body, status, headers, end - start)
 
 
 def head_object(call: S3Call) -> Response:
@@ -241,7 +241,7 @@ def parse_copy_source(call: S3Call) -> tuple[str, str]:
     return bucket, key
 
 
-def copy_source_record(call: S3Call) -> Any:
+def copy_source_record(call: S3Call) -> ObjectRecord:
     """The source object of a copy (read access checked, x-amz-copy-source-if-* evaluated)."""
     src_bucket, src_key = parse_copy_source(call)
     call.bucket(src_bucket)
@@ -285,6 +285,3 @@ def copy_object(call: S3Call) -> Response:
         xml.child(root, "Checksum" + name.rsplit("-", 1)[-1].upper(), value)
     return xml_response(root)
 
-
-def md5_b64(data: bytes) -> str:
-    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()

@@ -72,8 +72,10 @@ def body_stream(first: bytes, rest: Iterator[bytes], rid: str, resource: str) ->
         yield from rest
     except GeneratorExit:
         raise  # the client went away; closing ``rest`` below releases the reader
-    except Exception:
-        log.exception("request %s: reading %s failed after the response started", rid, resource)
+    except Exception as exc:
+        # gunicorn logs the traceback when it drops the connection; this line ties it to the request.
+        log.error("request %s: reading %s failed after the response started, connection dropped: %s",
+                  rid, resource, exc)
         raise
     finally:
         close = getattr(rest, "close", None)

@@ -4,6 +4,8 @@ headers, odd keys, shifted clocks. Requests are signed with botocore's own SigV4
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import socket
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -42,11 +44,13 @@ class RawResponse:
 
 def sign(server: S3Server, method: str, path: str, *, query: str = "", headers: dict[str, str] | None = None,
          body: bytes = b"", peer_id: str | None = None, secret: str | None = None, unsigned_payload: bool = False,
-         when: dt.datetime | None = None, content_sha256: str | None = None) -> dict[str, str]:
+         when: dt.datetime | None = None, content_sha256: str | None = None,
+         host: str | None = None) -> dict[str, str]:
     """SigV4 headers for a request to ``path`` (already percent-encoded as it will be sent).
     ``content_sha256`` forces the x-amz-content-sha256 value (e.g. a STREAMING-* mode)."""
     creds = server.credentials(peer_id)
-    url = server.endpoint + path + (f"?{query}" if query else "")
+    base = f"http://{host}" if host else server.endpoint
+    url = base + path + (f"?{query}" if query else "")
     request = AWSRequest(method=method, url=url, data=body, headers=dict(headers or {}))
     if unsigned_payload:
         request.context["client_config"] = Config(s3={"payload_signing_enabled": False})
@@ -121,5 +125,38 @@ def signed(server: S3Server, method: str, path: str, *, query: str = "", headers
     if body and not any(name.lower() == "content-length" for name in signed_headers):
         signed_headers["Content-Length"] = str(len(body))
     response = send(server, method, path, query=query, headers=signed_headers, body=body, **send_options)
+    assert response is not None
+    return response
+
+
+def signed_chunks_put(server: S3Server, path: str, payload: bytes, chunk_size: int = 64 * 1024,
+                      tamper_chunk: int | None = None, **send_options: Any) -> RawResponse:
+    """PUT with STREAMING-AWS4-HMAC-SHA256-PAYLOAD: every aws-chunked chunk signed (the chain
+    starts from the request's signature). ``tamper_chunk`` flips a byte in that chunk's data."""
+    pieces = [payload[i:i + chunk_size] for i in range(0, len(payload), chunk_size)] + [b""]
+    # The framed length is known up front: each chunk adds "<hex>;chunk-signature=<64>\r\n...\r\n".
+    framed_length = sum(len(f"{len(p):x};chunk-signature=") + 64 + 2 + len(p) + 2 for p in pieces)
+    headers = sign(server, "PUT", path, headers={
+        "Content-Encoding": "aws-chunked", "x-amz-decoded-content-length": str(len(payload)),
+        "Content-Length": str(framed_length)}, content_sha256="STREAMING-AWS4-HMAC-SHA256-PAYLOAD")
+    authorization = headers["Authorization"]
+    previous = authorization.rsplit("Signature=", 1)[1]
+    scope = authorization.split("Credential=", 1)[1].split(",", 1)[0].split("/", 1)[1]
+    amz_date = headers["X-Amz-Date"]
+    key = ("AWS4" + server.credentials().secret_key).encode()
+    for part in scope.split("/"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    empty = hashlib.sha256(b"").hexdigest()
+    framed = []
+    for number, piece in enumerate(pieces):
+        to_sign = (f"AWS4-HMAC-SHA256-PAYLOAD\n{amz_date}\n{scope}\n{previous}\n{empty}\n"
+                   f"{hashlib.sha256(piece).hexdigest()}")
+        previous = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+        if number == tamper_chunk:
+            piece = bytes([piece[0] ^ 1]) + piece[1:]
+        framed.append(f"{len(piece):x};chunk-signature={previous}\r\n".encode() + piece + b"\r\n")
+    body = b"".join(framed)
+    assert len(body) == framed_length
+    response = send(server, "PUT", path, headers=headers, body=body, **send_options)
     assert response is not None
     return response

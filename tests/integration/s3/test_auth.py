@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from unittest import mock
 
 import pytest
@@ -12,7 +13,7 @@ from botocore.exceptions import ClientError
 
 from bench._server import S3Server
 from tests.integration.s3.conftest import ADMIN_PEER, PEER_X, PEER_Y, error_code, status_of
-from tests.integration.s3.rawhttp import RawResponse, send, sign
+from tests.integration.s3.rawhttp import RawResponse, send, sign, signed_chunks_put
 
 pytestmark = pytest.mark.integration
 
@@ -79,6 +80,15 @@ def test_presigned_get_with_requests(s3, s3_server, bucket) -> None:
     assert requests.get(url, timeout=10).content == b"presigned body"
 
 
+def test_presigned_get_of_longest_key(s3, s3_server, bucket) -> None:
+    """1024 bytes of 3-byte characters: 3,072 characters once percent-encoded, plus the query."""
+    key = "日" * 341 + "x"
+    s3.put_object(Bucket=bucket, Key=key, Body=b"long")
+    v4 = s3_server.client(signature_version="s3v4")
+    url = v4.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=300)
+    assert requests.get(url, timeout=10).content == b"long"
+
+
 def test_presigned_put(s3, s3_server, bucket) -> None:
     v4 = s3_server.client(signature_version="s3v4")
     url = v4.generate_presigned_url("put_object", Params={"Bucket": bucket, "Key": "uploaded"}, ExpiresIn=300)
@@ -113,11 +123,23 @@ def test_payload_hash_mismatch(s3_server, s3, bucket) -> None:
         s3.head_object(Bucket=bucket, Key="tampered")
 
 
-def test_signed_streaming_payload(s3_server, bucket) -> None:
-    """STREAMING-AWS4-HMAC-SHA256-PAYLOAD (signed chunks), as boto3 sends when payload signing is on."""
+def test_signed_payload_hash(s3_server, bucket) -> None:
+    """x-amz-content-sha256 = the body's SHA-256 (boto3 with payload signing, no checksum)."""
     client = s3_server.client(s3={"payload_signing_enabled": True}, request_checksum_calculation="when_required")
-    client.put_object(Bucket=bucket, Key="signed-chunks", Body=b"abc" * 100_000)
-    assert client.get_object(Bucket=bucket, Key="signed-chunks")["Body"].read() == b"abc" * 100_000
+    client.put_object(Bucket=bucket, Key="signed-body", Body=b"abc" * 100_000)
+    assert client.get_object(Bucket=bucket, Key="signed-body")["Body"].read() == b"abc" * 100_000
+
+
+def test_signed_chunks(s3_server, s3, bucket) -> None:
+    """STREAMING-AWS4-HMAC-SHA256-PAYLOAD: every chunk signature verified; the framing is not stored."""
+    payload = os.urandom(300_000)
+    response = signed_chunks_put(s3_server, f"/{bucket}/chunks", payload)
+    assert response.status == 200, response.body
+    assert s3.get_object(Bucket=bucket, Key="chunks")["Body"].read() == payload
+    response = signed_chunks_put(s3_server, f"/{bucket}/tampered-chunks", payload, tamper_chunk=2)
+    assert (response.status, response.code) == (403, "SignatureDoesNotMatch")
+    with pytest.raises(ClientError):
+        s3.head_object(Bucket=bucket, Key="tampered-chunks")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -170,7 +170,7 @@ def test_entity_too_large(s3_server, s3, bucket) -> None:
 ODD_KEYS = [
     "../escape", "a/../../b", "..", ".", "./x", "a//b", "//leading", "trailing//", "a///b////c",
     "ctrl\x01\x02\x1f-chars", "tab\tnewline\ncr\r", "del\x7f", "ünïcödé/日本語/😀", "space and+plus&amp=?#",
-    "percent%20literal", "x" * 1024,
+    "percent%20literal", "x" * 1024, "日" * 341 + "x",  # 1024 bytes of UTF-8, 3,072 characters encoded
 ]
 
 
@@ -191,6 +191,17 @@ def test_raw_dot_segments_are_not_normalised(s3_server, s3, bucket) -> None:
     assert s3.get_object(Bucket=bucket, Key="a/../b")["Body"].read() == b"dots"
     with pytest.raises(ClientError):
         s3.head_object(Bucket=bucket, Key="b")
+
+
+def test_virtual_host_style(s3_server, s3, bucket) -> None:
+    """Host: <bucket>.localhost names the bucket (virtual-hosted style); the path is the key."""
+    from tests.integration.s3.rawhttp import send, sign
+
+    host = f"{bucket}.localhost:{s3_server.port}"
+    headers = sign(s3_server, "PUT", "/vhost/key", body=b"virtual", host=host)
+    response = send(s3_server, "PUT", "/vhost/key", headers={**headers, "Host": host}, body=b"virtual")
+    assert response.status == 200, response.body
+    assert s3.get_object(Bucket=bucket, Key="vhost/key")["Body"].read() == b"virtual"
 
 
 def test_key_too_long(s3, s3_server, bucket) -> None:
