@@ -30,6 +30,9 @@ threads = _settings.web.threads
 timeout = int(_settings.web.timeout)
 graceful_timeout = int(_settings.web.graceful_timeout)
 keepalive = 5
+# A 1024-byte key is up to 3,072 characters percent-encoded; with a presigned query and response-*
+# overrides the request line can pass gunicorn's 4,094 default, which would answer HTML, not S3 XML.
+limit_request_line = 8190 if _role == "s3" else 4094
 preload_app = False  # each worker builds its own app: no sockets or SQLite handles shared over fork
 proc_name = f"tunnelmesh-{_settings.name}-{_role}"
 pidfile = str(_run / f"gunicorn-{_role}.pid")

@@ -1,0 +1,485 @@
+"""Replication between coordinators: what to send to whom, pushing to one peer, hints, remote reads.
+
+The flow (issue 5)
+------------------
+1. A mutation commits locally with an outbox row in the same transaction and is acknowledged.
+2. ``drain_outbox`` (a Celery task: nudged by the S3 app after each write, run by beat every
+   ``replication.drain_interval`` and on worker start) coalesces the outbox per (bucket, key),
+   records one durable *pending* item per (item, peer) in the ledger (``storage.hints``), enqueues
+   one task per item and peer, and only then removes the outbox rows. A crash anywhere repeats work,
+   never loses it; tasks are convergent ("make the peer hold the current version").
+3. ``ReplicationService.replicate`` (one task per object and peer) reads the CURRENT local record,
+   asks the peer which of the chunks it should hold (placement) it already has, uploads the missing
+   ones (verified by hash on arrival) and then the metadata record (object or tombstone, with its
+   version vector, plus its bucket record). The receiver applies it with ``apply_remote_*``
+   (dominated versions ignored, concurrent ones resolved deterministically, no outbox row: no echo).
+   Metadata goes to every coordinator; chunks only to their placement holders.
+4. A peer that cannot be reached raises ``PeerUnavailable``: the task retries with exponential backoff
+   and jitter; after the last attempt the pending item stays in the ledger as a *hint*, replayed as
+   soon as the peer is seen up (``replay_hints_for``: heartbeat handler, beat check).
+
+Writer cleanup rule
+-------------------
+The writer stores every chunk of a write locally (the write is acknowledged before any transfer).
+A chunk the writer is not a placement holder of is an *extra copy*. After a successful push, the
+writer drops an extra copy only when every placement holder has confirmed holding that chunk
+durably (answered "have" or acknowledged its verified upload; recorded in the ledger), never before.
+Once replication and cleanup have run, each chunk is therefore on exactly ``replication.factor``
+coordinators (fewer while the membership is smaller than the factor).
+
+Reads of chunks not held locally go through ``ChunkFetcher``: the placement holders (then every
+other coordinator), each copy verified by hash; a holder that is down or returns a corrupt copy is
+skipped for the next; the next chunk of an object is fetched in parallel (read-ahead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from storage.chunks import ChunkRef
+from storage.errors import ChunkMissing, NoSuchBucket
+from storage.hints import KIND_BUCKET, KIND_OBJECT, STATE_HINT, STATE_QUEUED, ReplicationLedger, ledger_path
+from storage.metadata import (
+    OUTBOX_CREATE_BUCKET,
+    OUTBOX_DELETE_BUCKET,
+    BucketRecord,
+    ObjectRecord,
+    OutboxEntry,
+)
+from storage.placement import place
+from tunnelmesh.config import Settings
+
+log = logging.getLogger("tunnelmesh.replication")
+
+API_PREFIX = "/api/v1/replication"
+MAX_HAVE_QUERY = 10_000  # hashes per "which do you have" request
+DRAIN_BATCH = 5000
+
+Item = tuple[str, str, str]  # (kind, bucket, key); key is "" for buckets
+Enqueue = Callable[[str, str, str, str], None]  # (peer, kind, bucket, key) -> put a task on the queue
+
+
+class PeerUnavailable(Exception):
+    """The peer could not be reached, timed out or answered 5xx: worth retrying later."""
+
+
+class PeerRejected(Exception):
+    """The peer refused the request (4xx): retrying the same request would not help."""
+
+
+class MemberLike(Protocol):
+    peer_id: str
+    name: str
+    api_url: str
+
+
+# =============================================================================================
+# Pure parts: coalescing, fan-out, placement per peer, cleanup decision
+# =============================================================================================
+
+
+def coalesce_outbox(entries: Iterable[OutboxEntry]) -> list[Item]:
+    """Distinct items to replicate, in first-seen order: overwrites of one key collapse to one item.
+
+    Tasks read the current record, so one item per key sends only the newest version. Buckets
+    come first so a peer usually learns a bucket before its objects.
+    """
+    buckets: dict[Item, None] = {}
+    objects: dict[Item, None] = {}
+    for entry in entries:
+        if entry.kind in (OUTBOX_CREATE_BUCKET, OUTBOX_DELETE_BUCKET):
+            buckets[(KIND_BUCKET, entry.bucket, "")] = None
+        else:
+            objects[(KIND_OBJECT, entry.bucket, entry.key)] = None
+    return [*buckets, *objects]
+
+
+def fan_out(items: Sequence[Item], self_id: str, member_ids: Iterable[str]) -> list[tuple[str, str, str, str]]:
+    """(peer, kind, bucket, key) for every item and every other coordinator (metadata goes to all)."""
+    peers = sorted({m for m in member_ids if m != self_id})
+    return [(peer, kind, bucket, key) for peer in peers for kind, bucket, key in items]
+
+
+def chunks_for_peer(chunks: Iterable[ChunkRef], peer: str, member_ids: Sequence[str], factor: int) -> list[ChunkRef]:
+    """The distinct chunks ``peer`` must hold by placement, in object order."""
+    seen: set[str] = set()
+    wanted = []
+    for ref in chunks:
+        if ref.hash in seen:
+            continue
+        seen.add(ref.hash)
+        if peer in place(ref.hash, member_ids, factor):
+            wanted.append(ref)
+    return wanted
+
+
+def extra_copies_to_drop(chunks: Iterable[ChunkRef], self_id: str, member_ids: Sequence[str], factor: int,
+                         confirmed: Callable[[str], set[str]]) -> list[str]:
+    """Hashes the writer may drop: not a holder itself, and every holder confirmed a durable copy."""
+    drop = []
+    for chunk_hash in dict.fromkeys(ref.hash for ref in chunks):
+        holders = place(chunk_hash, member_ids, factor)
+        if not holders or self_id in holders:
+            continue
+        if set(holders) <= confirmed(chunk_hash):
+            drop.append(chunk_hash)
+    return drop
+
+
+def fetch_order(chunk_hash: str, self_id: str, member_ids: Sequence[str], factor: int) -> list[str]:
+    """Peers to ask for a chunk: its holders by placement first, then everyone else (a holder may
+    not have it yet, e.g. while the writer still keeps the only extra copy)."""
+    holders = place(chunk_hash, member_ids, factor)
+    rest = [m for m in place(chunk_hash, member_ids, len(set(member_ids))) if m not in holders]
+    return [m for m in [*holders, *rest] if m != self_id]
+
+
+# =============================================================================================
+# Membership and peer client (the contract of tunnelmesh.node / tunnelmesh.peer_client)
+# =============================================================================================
+
+
+def coordinator_members(settings: Settings) -> list[Any]:
+    from tunnelmesh import node
+
+    return list(node.coordinator_members(settings))
+
+
+def peer_is_up(settings: Settings, peer_id: str) -> bool:
+    from tunnelmesh import node
+
+    return bool(node.peer_is_up(settings, peer_id))
+
+
+def _make_client(settings: Settings) -> Any:
+    from tunnelmesh.identity import load_or_create_identity
+    from tunnelmesh.peer_client import PeerClient
+
+    return PeerClient(settings, load_or_create_identity(settings.data_dir))
+
+
+def _timeout(seconds: float) -> tuple[float, float]:
+    return (min(5.0, seconds), seconds)
+
+
+# =============================================================================================
+# Concurrency limit across the worker's pool processes
+# =============================================================================================
+
+
+@contextlib.contextmanager
+def replication_slot(run_dir: Path, slots: int, wait: float) -> Iterator[None]:
+    """Hold one of ``slots`` file locks (shared by every process of this coordinator).
+
+    File locks die with their process, so a SIGKILLed task never leaks a slot. Raises
+    PeerUnavailable (retried later) when no slot frees up within ``wait`` seconds.
+    """
+    lock_dir = run_dir / "replication-slots"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait
+    while True:
+        for index in range(slots):
+            handle = open(lock_dir / f"slot-{index}", "a+")  # noqa: SIM115 - held across the yield
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                continue
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                handle.close()
+            return
+        if time.monotonic() > deadline:
+            raise PeerUnavailable(f"all {slots} replication slots stayed busy for {wait:g}s")
+        time.sleep(0.05)
+
+
+# =============================================================================================
+# The service
+# =============================================================================================
+
+
+@dataclass(frozen=True, slots=True)
+class PushResult:
+    outcome: str  # "sent", "gone" (nothing local to send), "skipped" (peer not a member)
+    chunks_sent: int = 0
+    chunks_present: int = 0
+    dropped_local: int = 0
+
+
+class ReplicationService:
+    """Replication of one coordinator (the worker's tasks and the S3 app's fetcher use it)."""
+
+    def __init__(self, settings: Settings, store: Any = None, ledger: ReplicationLedger | None = None,
+                 client: Any = None, self_id: str | None = None) -> None:
+        self.settings = settings
+        self._store = store
+        self._ledger = ledger
+        self._client = client
+        self._self_id = self_id
+
+    # -- lazily opened parts (a prefork worker builds this after fork) -------------------------
+    @property
+    def self_id(self) -> str:
+        if self._self_id is None:
+            from tunnelmesh.identity import load_or_create_identity
+
+            self._self_id = load_or_create_identity(self.settings.data_dir).peer_id
+        return self._self_id
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            from storage.objects import ObjectStore
+
+            storage = self.settings.storage
+            self._store = ObjectStore(self.settings.data_dir, actor=self.self_id, chunk_size=storage.chunk_size,
+                                      fsync=storage.fsync, min_free_space=storage.min_free_space)
+        return self._store
+
+    @property
+    def ledger(self) -> ReplicationLedger:
+        if self._ledger is None:
+            self._ledger = ReplicationLedger(ledger_path(self.settings.data_dir))
+        return self._ledger
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = _make_client(self.settings)
+        return self._client
+
+    def members(self) -> list[Any]:
+        return coordinator_members(self.settings)
+
+    # -- outbox -> pending items -> tasks --------------------------------------------------------
+    def drain_outbox(self, enqueue: Enqueue) -> int:
+        """Move outbox intents to per-peer pending items and enqueue their tasks; returns items enqueued.
+
+        The outbox rows are removed only after every enqueue succeeded (an exception leaves them for
+        the next drain; duplicates are harmless).
+        """
+        meta = self.store.meta
+        total = 0
+        last_seq = 0
+        while True:
+            entries = meta.outbox_after(last_seq, DRAIN_BATCH)
+            if not entries:
+                return total
+            items = coalesce_outbox(entries)
+            member_ids = [m.peer_id for m in self.members()]
+            work = fan_out(items, self.self_id, member_ids)
+            for peer, kind, bucket, key in self.ledger.add(work):
+                enqueue(peer, kind, bucket, key)
+                total += 1
+            meta.outbox_remove(e.seq for e in entries)
+            last_seq = entries[-1].seq
+            if len(entries) < DRAIN_BATCH:
+                return total
+
+    def requeue_pending(self, enqueue: Enqueue, *, older_than: float | None = None) -> int:
+        """Re-enqueue queued items (worker start: messages a killed worker held may be stuck unacked)."""
+        before = None if older_than is None else int((time.time() - older_than) * 1_000_000)
+        items = self.ledger.items(state=STATE_QUEUED, updated_before_us=before)
+        self.ledger.requeue(items)
+        for item in items:
+            enqueue(item.peer, item.kind, item.bucket, item.key)
+        return len(items)
+
+    def replay_hints_for(self, peer_id: str, enqueue: Enqueue) -> int:
+        """Re-enqueue every hint recorded for ``peer_id`` (call when the peer is seen up)."""
+        items = self.ledger.items(peer=peer_id, state=STATE_HINT)
+        if not items:
+            return 0
+        self.ledger.requeue(items)
+        for item in items:
+            enqueue(item.peer, item.kind, item.bucket, item.key)
+        log.info("replaying %d hint(s) for peer %s", len(items), peer_id)
+        return len(items)
+
+    def replay_hints(self, enqueue: Enqueue, is_up: Callable[[str], bool] | None = None) -> int:
+        """Replay the hints of every peer that is up now (beat check)."""
+        is_up = is_up or (lambda peer: peer_is_up(self.settings, peer))
+        return sum(self.replay_hints_for(peer, enqueue) for peer in self.ledger.peers_with(STATE_HINT) if is_up(peer))
+
+    def record_hint(self, peer: str, kind: str, bucket: str, key: str, error: str) -> None:
+        self.ledger.mark_hint(peer, kind, bucket, key, error)
+        log.warning("replication of %s %s/%s to %s failed after %d attempt(s); kept as a hint (%s)",
+                    kind, bucket, key, peer, self.settings.replication.max_attempts, error)
+
+    # -- pushing to one peer --------------------------------------------------------------------
+    def replicate(self, peer: str, kind: str, bucket: str, key: str) -> PushResult:
+        """Make ``peer`` hold the current local version of the item (idempotent, convergent).
+
+        Raises PeerUnavailable (retry) or PeerRejected (permanent). On success the pending item
+        is done (unless rewritten meanwhile) and the writer's extra chunk copies may be dropped.
+        """
+        members = {m.peer_id: m for m in self.members()}
+        member = members.get(peer)
+        if member is None or peer == self.self_id:
+            self.ledger.done(peer, kind, bucket, key, 2**62)  # not a coordinator (any more): nothing to do
+            return PushResult("skipped")
+        gen = self.ledger.claim(peer, kind, bucket, key) or 0
+        rep = self.settings.replication
+        with replication_slot(self.settings.data_dir / "run", rep.concurrency, rep.peer_timeout):
+            if kind == KIND_BUCKET:
+                result = self._push_bucket(member, bucket)
+            else:
+                result = self._push_object(member, bucket, key, list(members))
+        if gen:
+            self.ledger.done(peer, kind, bucket, key, gen)
+        return result
+
+    def _push_bucket(self, member: MemberLike, bucket: str) -> PushResult:
+        record = self.store.meta.get_bucket(bucket)
+        if record is None:
+            return PushResult("gone")
+        self._post_json(member, "/bucket", {"bucket": record.to_dict()})
+        return PushResult("sent")
+
+    def _push_object(self, member: MemberLike, bucket: str, key: str, member_ids: list[str]) -> PushResult:
+        record: ObjectRecord | None = self.store.meta.get_object(bucket, key)
+        if record is None:
+            return PushResult("gone")
+        factor = self.settings.replication.factor
+        wanted = [] if record.deleted else chunks_for_peer(record.chunks, member.peer_id, member_ids, factor)
+        sent = present = 0
+        if wanted:
+            answer = self._post_json(member, "/chunks/have", {"hashes": [ref.hash for ref in wanted]})
+            have = set(answer.get("have", [])) if isinstance(answer, dict) else set()
+            missing = [ref for ref in wanted if ref.hash not in have]
+            present = len(wanted) - len(missing)
+            confirmed = [ref.hash for ref in wanted if ref.hash in have]
+            for ref in missing:
+                self._put_chunk(member, ref)
+                confirmed.append(ref.hash)
+                sent += 1
+            self.ledger.confirm_chunks(member.peer_id, confirmed)
+        bucket_record: BucketRecord | None = self.store.meta.get_bucket(bucket)
+        payload: dict[str, Any] = {"object": record.to_dict()}
+        if bucket_record is not None:
+            payload["bucket"] = bucket_record.to_dict()
+        self._post_json(member, "/object", payload)
+        dropped = 0 if record.deleted else self.drop_extra_copies(record.chunks, member_ids)
+        return PushResult("sent", sent, present, dropped)
+
+    def drop_extra_copies(self, chunks: Iterable[ChunkRef], member_ids: Sequence[str]) -> int:
+        """The writer cleanup rule (module docstring): drop copies every holder confirmed."""
+        factor = self.settings.replication.factor
+        drop = extra_copies_to_drop(chunks, self.self_id, member_ids, factor, self.ledger.confirmed_peers)
+        dropped = 0
+        for chunk_hash in drop:
+            if self.store.chunks.delete(chunk_hash):
+                dropped += 1
+            self.ledger.forget_chunk(chunk_hash)
+        return dropped
+
+    def _put_chunk(self, member: MemberLike, ref: ChunkRef) -> None:
+        try:
+            data = self.store.chunks.read(ref.hash)
+        except ChunkMissing:
+            # Dropped locally meanwhile (its holders confirmed it) or never here: fetch it from a holder.
+            data = ChunkFetcher(self.settings, self).fetch(ref)
+        self._request(member, "PUT", f"/chunks/{ref.hash}", data=data,
+                      headers={"Content-Type": "application/octet-stream"})
+
+    def _post_json(self, member: MemberLike, path: str, body: dict[str, Any]) -> Any:
+        response = self._request(member, "POST", path, json=body)
+        try:
+            return response.json()
+        except ValueError:
+            return None
+
+    def _request(self, member: MemberLike, method: str, path: str, **kwargs: Any) -> Any:
+        import requests
+
+        url = f"{member.api_url.rstrip('/')}{API_PREFIX}{path}"
+        try:
+            response = self.client.request(method, url, timeout=_timeout(self.settings.replication.peer_timeout),
+                                           **kwargs)
+        except requests.RequestException as exc:
+            raise PeerUnavailable(f"{method} {url}: {exc.__class__.__name__}: {exc}") from None
+        if response.status_code >= 500 or response.status_code in (401, 403, 408, 429):
+            # 401/403: the peer may not know us yet (membership still spreading): retry later.
+            raise PeerUnavailable(f"{method} {url}: HTTP {response.status_code} {response.text[:200]}")
+        if response.status_code >= 400:
+            raise PeerRejected(f"{method} {url}: HTTP {response.status_code} {response.text[:200]}")
+        return response
+
+
+# =============================================================================================
+# Receiving side (used by web/replication.py)
+# =============================================================================================
+
+
+def apply_object_payload(store: Any, payload: dict[str, Any]) -> bool:
+    """Apply a pushed object (and its bucket record); True if the local row changed."""
+    if "bucket" in payload and payload["bucket"] is not None:
+        store.apply_remote_bucket(BucketRecord.from_dict(payload["bucket"]))
+    record = ObjectRecord.from_dict(payload["object"])
+    if store.meta.get_bucket(record.bucket) is None:
+        raise NoSuchBucket(record.bucket)
+    return bool(store.apply_remote_object(record))
+
+
+# =============================================================================================
+# Reads of chunks held elsewhere
+# =============================================================================================
+
+
+class ChunkFetcher:
+    """``ObjectStore.chunk_fetcher``: a chunk's bytes from another coordinator, verified.
+
+    Tries the placement holders, then the other members; a peer that is down, answers an error
+    or returns bytes that do not match the hash is skipped. ``prefetch`` starts fetching a chunk
+    in the background (read-ahead); a later ``__call__`` for it takes the result.
+    """
+
+    def __init__(self, settings: Settings, service: ReplicationService | None = None) -> None:
+        self.settings = settings
+        self.service = service or ReplicationService(settings)
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: dict[str, Future[bytes]] = {}
+
+    def __call__(self, ref: ChunkRef) -> bytes:
+        future = self._ahead.pop(ref.hash, None)
+        if future is not None:
+            with contextlib.suppress(Exception):
+                return future.result()
+        return self.fetch(ref)
+
+    def prefetch(self, ref: ChunkRef) -> None:
+        if ref.hash in self._ahead or len(self._ahead) > 4:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chunk-fetch")
+        self._ahead[ref.hash] = self._pool.submit(self.fetch, ref)
+
+    def fetch(self, ref: ChunkRef) -> bytes:
+        members = {m.peer_id: m for m in self.service.members()}
+        order = fetch_order(ref.hash, self.service.self_id, list(members), self.settings.replication.factor)
+        errors = []
+        for peer in order:
+            try:
+                response = self.service._request(members[peer], "GET", f"/chunks/{ref.hash}")
+            except (PeerUnavailable, PeerRejected) as exc:
+                errors.append(str(exc))
+                continue
+            data = response.content
+            if hashlib.sha256(data).hexdigest() != ref.hash:
+                log.warning("coordinator %s returned a corrupt copy of chunk %s; trying another", peer, ref.hash)
+                errors.append(f"{peer}: corrupt copy")
+                continue
+            return data
+        raise ChunkMissing(ref.hash, f"no coordinator could provide it ({'; '.join(errors) or 'no peers'})")
