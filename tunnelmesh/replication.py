@@ -29,7 +29,7 @@ coordinators (fewer while the membership is smaller than the factor).
 
 Reads of chunks not held locally go through ``ChunkFetcher``: the placement holders (then every
 other coordinator), each copy verified by hash; a holder that is down or returns a corrupt copy is
-skipped for the next; the next chunk of an object is fetched in parallel (read-ahead).
+skipped for the next.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -442,29 +441,15 @@ class ChunkFetcher:
     """``ObjectStore.chunk_fetcher``: a chunk's bytes from another coordinator, verified.
 
     Tries the placement holders, then the other members; a peer that is down, answers an error
-    or returns bytes that do not match the hash is skipped. ``prefetch`` starts fetching a chunk
-    in the background (read-ahead); a later ``__call__`` for it takes the result.
+    or returns bytes that do not match the hash is skipped for the next one.
     """
 
     def __init__(self, settings: Settings, service: ReplicationService | None = None) -> None:
         self.settings = settings
         self.service = service or ReplicationService(settings)
-        self._pool: ThreadPoolExecutor | None = None
-        self._ahead: dict[str, Future[bytes]] = {}
 
     def __call__(self, ref: ChunkRef) -> bytes:
-        future = self._ahead.pop(ref.hash, None)
-        if future is not None:
-            with contextlib.suppress(Exception):
-                return future.result()
         return self.fetch(ref)
-
-    def prefetch(self, ref: ChunkRef) -> None:
-        if ref.hash in self._ahead or len(self._ahead) > 4:
-            return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chunk-fetch")
-        self._ahead[ref.hash] = self._pool.submit(self.fetch, ref)
 
     def fetch(self, ref: ChunkRef) -> bytes:
         members = {m.peer_id: m for m in self.service.members()}
