@@ -43,6 +43,7 @@ DEFAULT_QUEUE = "default"
 # beyond naming it here.
 TASK_MODULES = (
     "tasks.health",
+    "tasks.membership",
     "tasks.replicate",
     "tasks.replication",
     "tasks.outbox",
@@ -57,6 +58,8 @@ TASK_ROUTES = {
     "tasks.outbox.*": {"queue": "replication"},
     "tasks.manifest_sync.*": {"queue": "manifest"},
     "tasks.rebalance.*": {"queue": "rebalance"},
+    "tasks.membership.*": {"queue": "default"},
+    "tasks.gc.*": {"queue": "manifest"},
 }
 
 
@@ -80,6 +83,15 @@ def visibility_timeout(settings: Settings) -> int:
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """Periodic jobs of one coordinator (its own beat; one beat per coordinator stack)."""
     schedule: dict[str, dict[str, Any]] = {}
+    # Issue 4: coordinator heartbeats + membership/registry anti-entropy, once per interval; a run
+    # that waited longer than an interval is dropped (the next one supersedes it).
+    if module_exists("tasks.membership"):
+        heartbeat = settings.coordinator.heartbeat_interval
+        schedule["membership-heartbeat"] = {
+            "task": "tasks.membership.heartbeat_round",
+            "schedule": heartbeat,
+            "options": {"expires": max(0.5, heartbeat), "queue": "default"},
+        }
     # HOOK (issue 6): the safety-net manifest sync, scheduled as soon as tasks/manifest_sync.py
     # exists and defines the task ``tasks.manifest_sync.run``. ``expires`` drops a run that backed
     # up behind the next one instead of letting them pile up.
@@ -90,6 +102,22 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "schedule": interval,
             "options": {"expires": max(1.0, interval * 0.9), "queue": "manifest"},
         }
+    # Issue 5: the outbox drain (bounds the delay when the S3 app's nudge was lost) and the hint
+    # replay for peers that are up again. Expiring runs never pile up behind a busy worker.
+    if module_exists("tasks.replicate"):
+        for name, task, interval in (
+                ("replication-drain", "tasks.replicate.drain_outbox", settings.replication.drain_interval),
+                ("replication-hints", "tasks.replicate.replay_hints", settings.replication.hint_interval)):
+            schedule[name] = {"task": task, "schedule": interval,
+                              "options": {"expires": max(1.0, interval * 0.9), "queue": "replication"}}
+    # Issue 6: garbage collection, and the membership watcher that triggers a debounced rebalance.
+    if module_exists("tasks.gc"):
+        schedule["gc"] = {"task": "tasks.gc.run", "schedule": settings.storage.gc_interval,
+                          "options": {"expires": max(1.0, settings.storage.gc_interval * 0.9), "queue": "manifest"}}
+    if module_exists("tasks.rebalance"):
+        check = settings.rebalance.check_interval
+        schedule["rebalance-check"] = {"task": "tasks.rebalance.check_membership", "schedule": check,
+                                       "options": {"expires": max(0.5, check), "queue": "rebalance"}}
     return schedule
 
 

@@ -85,6 +85,15 @@ class PreparedNode:
     registered_with: str | None  # URL of the coordinator this node registered with, if any
 
 
+def _check_transport(settings: Settings, url: str) -> None:
+    from tunnelmesh.peer_client import InsecureTransport, check_transport
+
+    try:
+        check_transport(settings, url)
+    except InsecureTransport as exc:
+        raise CliError(str(exc)) from None
+
+
 def _token_path(settings: Settings) -> Path:
     return settings.data_dir / IDENTITY_DIR / TOKEN_FILE
 
@@ -117,12 +126,16 @@ def prepare_node(settings: Settings, address: str | None, token: str | None, wai
             url = node.coordinator_url(address, settings)
         except node.RegistrationError as exc:
             raise click.BadParameter(str(exc), param_hint="'ADDRESS'") from None
-        payload = node.registration_payload(settings, identity)
+        _check_transport(settings, url)
+        from tunnelmesh.peer_client import tls_verify
+
         deadline = time.monotonic() + wait
         delay = 0.2
         while True:
             try:
-                result = node.register_with(url, token, payload)
+                # Signed anew on every attempt: the proof carries a timestamp.
+                result = node.register_with(url, token, node.registration_payload(settings, identity),
+                                            verify=tls_verify(settings))
                 break
             except node.RegistrationError as exc:
                 if exc.retryable and time.monotonic() + delay < deadline:
@@ -146,28 +159,24 @@ def prepare_node(settings: Settings, address: str | None, token: str | None, wai
 
 def _remember_registration(settings: Settings, identity: NodeIdentity, registry: Any,
                            result: node.RegistrationResult) -> None:
-    """Keep what the registrar told us: our mesh IP and name, and the coordinators it knows."""
+    """Keep what the registrar told us: our mesh IP and name, and the membership view (every
+    coordinator of the mesh; their full registry records follow with the first heartbeats)."""
+    from storage.membership import MembershipView
     from storage.registry import PeerRecord
 
     resp = result.response
     name = resp.get("peer_name") or settings.name
     if name != settings.name:
         _out(f"warning: the mesh already has another node named {settings.name!r}; this one is {name!r}")
-    for entry in resp.get("coordinators", []):
-        if not isinstance(entry, dict) or entry.get("peer_id") == identity.peer_id:
-            continue
-        try:
-            registry.upsert(PeerRecord(
-                peer_id=str(entry["peer_id"]), name=str(entry["name"]), public_key="",
-                mesh_ip=str(entry["mesh_ip"]), is_coordinator=True, api_url=str(entry.get("api_url", "")),
-                s3_url=str(entry.get("s3_url", ""))))
-        except (KeyError, TypeError):
-            continue
     registry.upsert(PeerRecord(
         peer_id=identity.peer_id, name=name, public_key=identity.public_key_b64,
         mesh_ip=str(resp.get("mesh_ip", "")), addresses=tuple(node.registration_payload(settings, identity)["addresses"]),
         is_coordinator=True, is_admin=bool(resp.get("is_admin")), api_url=node.api_url(settings),
         s3_url=node.s3_url(settings), version=node.version()))
+    try:
+        registry.merge_view(MembershipView.from_dict(resp.get("membership")))
+    except ValueError as exc:
+        raise CliError(f"the coordinator at {result.url} sent an invalid membership view: {exc}") from None
     registry.set_state(JOINED_VIA_KEY, result.url)
 
 
@@ -200,6 +209,10 @@ def join(address: str | None, config: str, token: str | None, wait: float) -> in
 
     Runs in the foreground until SIGTERM or Ctrl-C: Redis, the coordination API (gunicorn), the
     S3 API (gunicorn), a Celery worker and Celery beat, restarting a child that dies.
+
+    Without coordinator.enabled (a mesh peer), HOST:PORT is required and the peer agent runs
+    instead: it registers, keeps the coordinator list in its data directory, sends heartbeats
+    and fails over to another healthy coordinator when its coordinator stops answering.
     """
     from tunnelmesh.supervisor import DataDirLock, StartupError, Supervisor, preflight
 
@@ -207,8 +220,7 @@ def join(address: str | None, config: str, token: str | None, wait: float) -> in
     started = time.monotonic()
     settings = _load(config)
     if address is not None and not settings.coordinator.enabled:
-        raise ConfigError(settings.source, "coordinator.enabled",
-                          "must be true to run a coordinator (mesh peer agents are not part of this release)")
+        return _run_peer_agent(settings, address, token, wait)
     lock = DataDirLock(settings)
     try:
         preflight(settings)
@@ -234,6 +246,89 @@ def join(address: str | None, config: str, token: str | None, wait: float) -> in
         lock.release()
 
 
+def _run_peer_agent(settings: Settings, address: str, token: str | None, wait: float) -> int:
+    """``join`` on a node without coordinator mode: the peer agent, in the foreground."""
+    from tunnelmesh.peer_agent import PeerAgent
+    from tunnelmesh.supervisor import DataDirLock
+
+    token = token or read_token(settings.data_dir)
+    if not token:
+        raise CliError(f"no mesh token: pass --token TOKEN or set {TOKEN_ENV}")
+    try:
+        url = node.coordinator_url(address, settings)
+    except node.RegistrationError as exc:
+        raise click.BadParameter(str(exc), param_hint="'ADDRESS'") from None
+    _check_transport(settings, url)
+    lock = DataDirLock(settings)
+    try:
+        identity = load_or_create_identity(settings.data_dir)
+        if read_token(settings.data_dir) is None:
+            store_token(settings.data_dir, token)  # needed to re-register elsewhere on failover
+        agent = PeerAgent(settings, token, identity=identity, log=lambda m: _out(f"[peer] {m}"))
+        agent.install_signal_handlers()
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return agent.run(url)
+            except node.RegistrationError as exc:
+                if exc.retryable and time.monotonic() + 0.5 < deadline:
+                    time.sleep(0.5)
+                    continue
+                raise CliError(str(exc)) from None
+    finally:
+        lock.release()
+
+
+# HOOK (issue 6): move this coordinator's data to the others before it leaves the membership.
+# Called by `tunnelmesh leave` before the removal is broadcast; a no-op until draining exists.
+def drain_before_leave(settings: Settings) -> None:
+    return None
+
+
+def _status_lines(status: dict[str, Any]) -> list[str]:
+    lines = [f"{status['name']} ({status['role']}, peer ID {status['peer_id']})"]
+    if status.get("mesh_ip"):
+        lines[0] += f", mesh IP {status['mesh_ip']}"
+    using = status.get("using") or {}
+    lines.append(f"membership version {status.get('membership_version')}; using coordinator "
+                 f"{using.get('name', '-')} ({using.get('api_url', '-')})")
+    for c in status.get("coordinators", []):
+        mark = "*" if c.get("peer_id") == using.get("peer_id") else " "
+        health = "up" if c.get("healthy") else "DOWN"
+        lines.append(f" {mark} {c.get('name', '?'):<24} {c.get('peer_id', '?')}  {c.get('mesh_ip', '?'):<15} "
+                     f"{health:<4} {c.get('api_url', '')}")
+    return lines
+
+
+def node_status(settings: Settings) -> dict[str, Any]:
+    """What `tunnelmesh status` reports, from local state only (works while others are down)."""
+    identity = load_or_create_identity(settings.data_dir)
+    if not settings.coordinator.enabled:
+        from tunnelmesh.peer_agent import read_state, state_path
+
+        state = read_state(settings)
+        if state is None:
+            raise CliError(f"this peer has not registered yet ({state_path(settings)} is missing): "
+                           "run 'tunnelmesh join HOST:PORT --token T' first")
+        return {"role": "peer", "name": state.get("peer_name") or settings.name, "peer_id": identity.peer_id,
+                "mesh_ip": state.get("mesh_ip"), "membership_version": state.get("membership_version"),
+                "membership_digest": state.get("membership_digest"), "using": state.get("coordinator"),
+                "coordinators": state.get("coordinators", []), "updated_at": state.get("updated_at"),
+                "last_heartbeat_ok": state.get("last_heartbeat_ok")}
+    registry = node.open_registry(settings)
+    try:
+        view = registry.load_view()
+        me = registry.get(identity.peer_id)
+        return {"role": "coordinator", "name": me.name if me else settings.name, "peer_id": identity.peer_id,
+                "mesh_ip": me.mesh_ip if me else None, "membership_version": view.version,
+                "membership_digest": view.digest(), "member": view.is_active(identity.peer_id),
+                "using": {"peer_id": identity.peer_id, "name": me.name if me else settings.name,
+                          "api_url": node.api_url(settings)},
+                "coordinators": node.coordinator_list(settings, registry, identity.peer_id, view)}
+    finally:
+        registry.close()
+
+
 def _announce(sup: Any, settings: Settings, prepared: PreparedNode, elapsed: float) -> None:
     s3 = f", S3 {node.s3_url(settings)}" if settings.s3.enabled else ""
     sup.log(f"{settings.name} is ready in {elapsed:.1f}s: coordination API {node.api_url(settings)}{s3} "
@@ -248,6 +343,51 @@ def _announce(sup: Any, settings: Settings, prepared: PreparedNode, elapsed: flo
         token_arg = f'"$(cat {_token_path(settings)})"'
     sup.log("Join another coordinator with:")
     sup.log(f"  tunnelmesh join {node.join_address(settings)} --token {token_arg} --config coordinator-b.yaml")
+
+
+@cli.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+def status(config: str, as_json: bool) -> int:
+    """Show the coordinator list with health, the membership version and the coordinator in use."""
+    settings = _load(config)
+    info = node_status(settings)
+    if as_json:
+        _out(json.dumps(info))
+    else:
+        for line in _status_lines(info):
+            _out(line)
+    return 0
+
+
+@cli.command()
+@config_option
+def leave(config: str) -> int:
+    """Remove this coordinator from the mesh (admin operation; the others are told at once).
+
+    The coordinator stays a member while it is merely down; `leave` is how it goes for good. The
+    removal is sent, signed by this node, to every other member (any one suffices: membership
+    spreads between coordinators), and recorded in this node's own view.
+    """
+    from tunnelmesh import cluster
+
+    settings = _load(config)
+    if not settings.coordinator.enabled:
+        raise CliError("only a coordinator leaves the membership (coordinator.enabled is false)")
+    identity = load_or_create_identity(settings.data_dir)
+    registry = node.shared_registry(settings)
+    if not registry.load_view().is_active(identity.peer_id):
+        _out(f"{settings.name} is not an active member of the mesh; nothing to do")
+        return 0
+    drain_before_leave(settings)
+    others = [m for m in registry.load_view().active_members() if m.peer_id != identity.peer_id]
+    accepted = cluster.broadcast_removal(settings, identity, identity.peer_id)
+    if others and not accepted:
+        raise CliError("no other coordinator accepted the removal (none reachable?); nothing was changed")
+    view, _ = node.remove_coordinator(registry, identity.peer_id, identity.peer_id)
+    _out(f"{settings.name} left the mesh (membership version {view.version}; accepted by "
+         f"{', '.join(accepted) or 'nobody: it was the only coordinator'})")
+    return 0
 
 
 @cli.command("id")

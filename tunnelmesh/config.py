@@ -139,6 +139,8 @@ class CoordinatorSettings(_Section):
     heartbeat_misses: int = Field(default=3, ge=1)
     mesh_cidr: str = "10.42.0.0/16"
     max_request_body: Size = 1024 * 1024  # JSON API bodies (registration, heartbeats)
+    # Signed coordinator-to-coordinator and peer requests (X-TM-Date) older or newer than this are refused.
+    max_clock_skew: Duration = 300.0
 
     @field_validator("admin_peers", mode="before")
     @classmethod
@@ -215,6 +217,11 @@ class ReplicationSettings(_Section):
     retry_backoff: Duration = 2.0  # first retry delay; doubles each attempt, with jitter
     retry_backoff_max: Duration = 120.0
     rate_limit: str = ""  # Celery rate limit per worker for replication tasks, e.g. "50/s"; empty = none
+    # Beat drains the outbox this often (the S3 app also nudges a drain after every write, so this
+    # only bounds the delay when a nudge was lost: Redis down, crash between ack and enqueue).
+    drain_interval: Duration = 5.0
+    # Beat replays the hints of peers that are up this often (heartbeats also trigger a replay).
+    hint_interval: Duration = 10.0
 
     @field_validator("rate_limit")
     @classmethod
@@ -231,6 +238,8 @@ class SyncSettings(_Section):
 class RebalanceSettings(_Section):
     debounce: Duration = 10.0  # seed: chunk assignments rebalance within 10 seconds (debounced)
     max_bytes_per_cycle: Size = 50 * 1000 * 1000  # seed: at most 50 MB per rebalance cycle
+    # How often beat compares the membership with the one last seen (a change requests a rebalance).
+    check_interval: Duration = 2.0
 
 
 class WebSettings(_Section):

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import json
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
 from typing import Any
 
+from storage.membership import ACTIVE, HealthTracker, Member, MembershipView
 from storage.registry import PeerRecord, PeerRegistry, registry_path
 from tunnelmesh.config import Settings, split_listen
-from tunnelmesh.identity import NodeIdentity
+from tunnelmesh.identity import NodeIdentity, verify_signature
 
 DISTRIBUTION = "tunnelmesh-coordinator"
 REGISTER_PATH = "/api/v1/register"
@@ -104,19 +107,148 @@ def open_registry(settings: Settings) -> PeerRegistry:
     return PeerRegistry(registry_path(settings.data_dir))
 
 
+_registries: dict[str, PeerRegistry] = {}
+_registries_lock = threading.Lock()
+
+
+def shared_registry(settings: Settings) -> PeerRegistry:
+    """One registry handle per data directory and process (it keeps one connection per thread)."""
+    key = str(registry_path(settings.data_dir))
+    with _registries_lock:
+        if key not in _registries:
+            _registries[key] = PeerRegistry(registry_path(settings.data_dir))
+        return _registries[key]
+
+
+def member_from_record(record: PeerRecord) -> Member:
+    return Member(peer_id=record.peer_id, name=record.name, public_key=record.public_key,
+                  api_url=record.api_url, s3_url=record.s3_url, mesh_ip=record.mesh_ip)
+
+
+def _same_member(a: Member | None, b: Member) -> bool:
+    return a is not None and a.state == ACTIVE and (a.name, a.public_key, a.api_url, a.s3_url, a.mesh_ip) == (
+        b.name, b.public_key, b.api_url, b.s3_url, b.mesh_ip)
+
+
+def add_coordinator(registry: PeerRegistry, record: PeerRecord, writer_peer_id: str) -> tuple[MembershipView, bool]:
+    """Make ``record`` an active member of the stored view (stamped by ``writer_peer_id``).
+
+    Nothing is written when the view already holds exactly that (re-registration does not bump
+    the membership version).
+    """
+    member = member_from_record(record)
+
+    def change(view: MembershipView) -> MembershipView:
+        if _same_member(view.get(member.peer_id), member):
+            return view
+        return view.add_or_update(member, view.next_stamp(writer_peer_id))
+
+    return registry.update_view(change)
+
+
+def remove_coordinator(registry: PeerRegistry, peer_id: str, writer_peer_id: str) -> tuple[MembershipView, bool]:
+    """Tombstone ``peer_id`` in the stored view (no-op when it is not an active member)."""
+    def change(view: MembershipView) -> MembershipView:
+        if not view.is_active(peer_id):
+            return view
+        return view.remove(peer_id, view.next_stamp(writer_peer_id))
+
+    return registry.update_view(change)
+
+
 def register_self(settings: Settings, identity: NodeIdentity, registry: PeerRegistry) -> PeerRecord:
-    """Put this coordinator into its own registry (bootstrap), keeping a mesh IP it already has."""
-    return registry.register(
+    """Put this coordinator into its own registry and membership view (bootstrap), keeping a mesh IP
+    it already has."""
+    record = registry.register(
         peer_id=identity.peer_id, name=settings.name, public_key=identity.public_key_b64,
         addresses=[_host_for_others(settings.coordinator.listen).strip("[]")],
         is_coordinator=True, version=version(), api_url=api_url(settings), s3_url=s3_url(settings),
         mesh_cidr=settings.coordinator.mesh_cidr,
         is_admin=lambda pid, name: matches_admin(settings.coordinator.admin_peers, pid, name))
+    add_coordinator(registry, record, identity.peer_id)
+    return record
+
+
+def coordinator_members(settings: Settings) -> list[Member]:
+    """Active coordinators of this node's current membership view, incl. self, sorted by peer ID."""
+    return shared_registry(settings).load_view().active_members()
+
+
+def health_tracker(registry: PeerRegistry) -> HealthTracker:
+    """Heartbeat times (wall clock) recorded by every process of this node."""
+    return HealthTracker(registry.heartbeats())
+
+
+def peer_is_up(settings: Settings, peer_id: str, *, self_peer_id: str | None = None) -> bool:
+    """Heartbeat-based health of coordinator ``peer_id`` as seen by this coordinator (self: up)."""
+    if self_peer_id is None:
+        from tunnelmesh.identity import load_or_create_identity
+
+        self_peer_id = load_or_create_identity(settings.data_dir).peer_id
+    if peer_id == self_peer_id:
+        return True
+    tracker = health_tracker(shared_registry(settings))
+    return tracker.is_up(peer_id, time.time(), settings.coordinator.heartbeat_interval,
+                         settings.coordinator.heartbeat_misses)
+
+
+def coordinator_list(settings: Settings, registry: PeerRegistry, self_peer_id: str,
+                     view: MembershipView | None = None) -> list[dict[str, Any]]:
+    """The list peers get: active members with health, the answering coordinator first."""
+    from storage.membership import coordinator_list as build
+
+    view = registry.load_view() if view is None else view
+    entries = build(view, health_tracker(registry), time.time(), settings.coordinator.heartbeat_interval,
+                    settings.coordinator.heartbeat_misses, self_peer_id=self_peer_id)
+    entries.sort(key=lambda e: e["peer_id"] != self_peer_id)  # stable: the rest stay sorted by peer ID
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------
+# Proof of key ownership in registrations
+# ---------------------------------------------------------------------------------------------
+
+PROOF_FIELDS = {"name": "", "public_key": "", "addresses": [], "is_coordinator": False, "version": "",
+                "api_url": "", "s3_url": ""}
+
+
+def proof_message(body: dict[str, Any], timestamp: int) -> bytes:
+    """What a registrant signs: the registration fields (canonical JSON) and a timestamp."""
+    fields = {k: body.get(k, default) for k, default in PROOF_FIELDS.items()}
+    return b"tunnelmesh-register-v1\n" + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode() + (
+        f"\n{timestamp}".encode())
+
+
+def sign_registration(identity: NodeIdentity, payload: dict[str, Any], *, now: float | None = None) -> dict[str, Any]:
+    """``payload`` with a ``proof`` that this node holds the private key of ``public_key``."""
+    timestamp = int(time.time() if now is None else now)
+    signature = identity.sign(proof_message(payload, timestamp))
+    return {**payload, "proof": {"timestamp": timestamp, "signature": base64.b64encode(signature).decode()}}
+
+
+def check_registration_proof(body: dict[str, Any], public_key_b64: str, max_skew: float,
+                             *, now: float | None = None) -> str | None:
+    """None when ``body['proof']`` is valid; otherwise why not."""
+    proof = body.get("proof")
+    if not isinstance(proof, dict):
+        return "proof: required (a signature with the private key of public_key)"
+    timestamp, signature = proof.get("timestamp"), proof.get("signature")
+    if not isinstance(timestamp, int) or isinstance(timestamp, bool) or not isinstance(signature, str):
+        return "proof: must be {timestamp: unix seconds, signature: base64}"
+    if abs((time.time() if now is None else now) - timestamp) > max_skew:
+        return "proof: the timestamp is outside the allowed clock skew"
+    try:
+        raw = base64.b64decode(signature, validate=True)
+    except ValueError:
+        return "proof: the signature is not base64"
+    if not verify_signature(public_key_b64, proof_message(body, timestamp), raw):
+        return "proof: the signature does not match public_key"
+    return None
 
 
 def registration_payload(settings: Settings, identity: NodeIdentity) -> dict[str, Any]:
-    """The JSON body this coordinator sends to ``POST /api/v1/register``."""
-    return {
+    """The JSON body (with its proof of key ownership) this coordinator sends to ``POST /api/v1/register``."""
+    return sign_registration(identity, {
         "name": settings.name,
         "public_key": identity.public_key_b64,
         "addresses": [_host_for_others(settings.coordinator.listen).strip("[]")],
@@ -124,24 +256,7 @@ def registration_payload(settings: Settings, identity: NodeIdentity) -> dict[str
         "version": version(),
         "api_url": api_url(settings),
         "s3_url": s3_url(settings),
-    }
-
-
-def is_healthy(settings: Settings, record: PeerRecord, self_peer_id: str, now_us: int | None = None) -> bool:
-    """Self is healthy; another node is while heard from within heartbeat_interval x heartbeat_misses."""
-    if record.peer_id == self_peer_id:
-        return True
-    now = time.time_ns() // 1000 if now_us is None else now_us
-    window_us = settings.coordinator.heartbeat_interval * settings.coordinator.heartbeat_misses * 1e6
-    return now - record.last_seen_us <= window_us
-
-
-def coordinator_entry(settings: Settings, record: PeerRecord, self_peer_id: str) -> dict[str, Any]:
-    return {
-        "name": record.name, "peer_id": record.peer_id, "mesh_ip": record.mesh_ip,
-        "api_url": record.api_url, "s3_url": record.s3_url,
-        "healthy": is_healthy(settings, record, self_peer_id),
-    }
+    })
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,13 +306,17 @@ def coordinator_url(address: str, settings: Settings) -> str:
     return f"{_scheme(settings)}://{host}:{port}"
 
 
-def register_with(url: str, token: str, payload: dict[str, Any], *, timeout: float = 10.0) -> RegistrationResult:
-    """POST the registration to the coordinator at ``url``; raise RegistrationError if refused."""
+def register_with(url: str, token: str, payload: dict[str, Any], *, timeout: float = 10.0,
+                  verify: str | bool = True) -> RegistrationResult:
+    """POST the registration to the coordinator at ``url``; raise RegistrationError if refused.
+
+    ``verify``: TLS verification (a CA bundle path from ``coordinator.tls.ca``, or True).
+    """
     import requests  # imported here: the other CLI commands do not need it
 
     try:
         resp = requests.post(f"{url}{REGISTER_PATH}", json=payload, timeout=(min(5.0, timeout), timeout),
-                             headers={"Authorization": f"Bearer {token}"})
+                             headers={"Authorization": f"Bearer {token}"}, verify=verify)
     except requests.RequestException as exc:
         text = str(exc)
         if isinstance(exc, requests.Timeout):

@@ -38,13 +38,15 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from storage.chunks import ChunkRef
+from storage.chunks import ChunkRef, validate_hash
 from storage.errors import ChunkMissing, NoSuchBucket
 from storage.hints import KIND_BUCKET, KIND_OBJECT, STATE_HINT, STATE_QUEUED, ReplicationLedger, ledger_path
 from storage.metadata import (
@@ -278,6 +280,10 @@ class ReplicationService:
                 return total
             items = coalesce_outbox(entries)
             member_ids = [m.peer_id for m in self.members()]
+            if self.self_id not in member_ids:
+                # No usable membership view yet (not bootstrapped, or unreadable): keep the outbox.
+                log.warning("outbox not drained: this coordinator is not in its own membership view")
+                return total
             work = fan_out(items, self.self_id, member_ids)
             for peer, kind, bucket, key in self.ledger.add(work):
                 enqueue(peer, kind, bucket, key)
@@ -409,7 +415,7 @@ class ReplicationService:
                                            **kwargs)
         except requests.RequestException as exc:
             raise PeerUnavailable(f"{method} {url}: {exc.__class__.__name__}: {exc}") from None
-        if response.status_code >= 500 or response.status_code in (401, 403, 408, 429):
+        if response.status_code >= 500 or response.status_code in (401, 403, 408, 422, 429):
             # 401/403: the peer may not know us yet (membership still spreading): retry later.
             raise PeerUnavailable(f"{method} {url}: HTTP {response.status_code} {response.text[:200]}")
         if response.status_code >= 400:
@@ -427,6 +433,8 @@ def apply_object_payload(store: Any, payload: dict[str, Any]) -> bool:
     if "bucket" in payload and payload["bucket"] is not None:
         store.apply_remote_bucket(BucketRecord.from_dict(payload["bucket"]))
     record = ObjectRecord.from_dict(payload["object"])
+    for ref in record.chunks:
+        validate_hash(ref.hash)  # ValueError: a record naming something that is not a chunk
     if store.meta.get_bucket(record.bucket) is None:
         raise NoSuchBucket(record.bucket)
     return bool(store.apply_remote_object(record))
@@ -468,3 +476,62 @@ class ChunkFetcher:
                 continue
             return data
         raise ChunkMissing(ref.hash, f"no coordinator could provide it ({'; '.join(errors) or 'no peers'})")
+
+
+# =============================================================================================
+# The S3 app's nudge: "the outbox has something new", fire-and-forget
+# =============================================================================================
+
+
+class OutboxNudger:
+    """Asks the worker to drain the outbox soon after a write, without ever delaying the write.
+
+    ``nudge`` only sets an event; one daemon thread per process sends ``tasks.replicate.drain_outbox``
+    (by name, on a bare Celery app: the web layer does not import tasks/). Nudges that arrive while
+    one is being sent collapse into the next one. A failure (Redis down) is ignored: the outbox row
+    is durable and beat drains it every ``replication.drain_interval``.
+    """
+
+    TASK = "tasks.replicate.drain_outbox"
+
+    def __init__(self, settings: Settings, debounce: float = 0.02) -> None:
+        self.settings = settings
+        self.debounce = debounce
+        self._event = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+        self._app: Any = None
+        self.sent = 0
+
+    def nudge(self) -> None:
+        if self._thread is None or self._pid != os.getpid():
+            with self._lock:
+                if self._thread is None or self._pid != os.getpid():  # threads do not survive fork
+                    self._pid, self._app = os.getpid(), None
+                    self._thread = threading.Thread(target=self._run, name="outbox-nudger", daemon=True)
+                    self._thread.start()
+        self._event.set()
+
+    def _celery(self) -> Any:
+        if self._app is None:
+            from celery import Celery
+
+            from tunnelmesh import redis_server
+
+            self._app = Celery("tunnelmesh-nudger", set_as_current=False)
+            self._app.conf.update(broker_url=redis_server.broker_url(self.settings),
+                                  broker_connection_timeout=2.0, broker_connection_retry=False)
+        return self._app
+
+    def _run(self) -> None:
+        while True:
+            self._event.wait()
+            time.sleep(self.debounce)  # let a burst of writes collapse into one drain
+            self._event.clear()
+            try:
+                self._celery().send_task(self.TASK, queue="replication", retry=False)
+                self.sent += 1
+            except Exception as exc:  # noqa: BLE001 - the outbox keeps the intent; beat drains it
+                log.debug("outbox nudge not sent (%s); beat will drain the outbox", exc)
+                self._app = None

@@ -8,7 +8,15 @@
   coord_mesh_ips, server_name, server_peer_id, server_version}``.
 
 Every error is JSON ``{"error": <code>, "message": <text>}`` with the HTTP status, never an HTML
-page or a traceback. Issue 4 adds membership spreading and heartbeats here.
+page or a traceback.
+
+Cluster endpoints (issue 4; logic in :mod:`tunnelmesh.cluster`):
+
+- ``GET /api/v1/coordinators`` (mesh token): ``{membership_version, membership_digest,
+  coordinators, server_peer_id}``.
+- ``POST /api/v1/coordinators/heartbeat``, ``POST /api/v1/coordinators/registry``,
+  ``POST /api/v1/coordinators/remove``: signed by an active coordinator (:mod:`web.peer_auth`).
+- ``POST /api/v1/peers/heartbeat``: signed by any registered node; answers the coordinator list.
 """
 
 from __future__ import annotations
@@ -16,17 +24,20 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import time
 from typing import Any
 
 import redis
-from flask import Blueprint, Flask, current_app, jsonify, request
+from flask import Blueprint, Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from storage import meship
+from storage.membership import is_peer_id
 from storage.registry import PeerRegistry, ReservedName
-from tunnelmesh import node, redis_server, supervisor
+from tunnelmesh import cluster, node, redis_server, supervisor
 from tunnelmesh.config import Settings, load_config
 from tunnelmesh.identity import load_or_create_identity, peer_id_from_public_key, read_token, s3_credentials
+from web.peer_auth import require_coordinator, require_peer
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +62,7 @@ class Coordination:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.identity = load_or_create_identity(settings.data_dir)
-        self.registry: PeerRegistry = node.open_registry(settings)
+        self.registry: PeerRegistry = node.shared_registry(settings)
         self._token: str | None = None
         self._redis: redis.Redis | None = None
 
@@ -146,7 +157,13 @@ def health() -> Any:
 
 @bp.post("/api/v1/register")
 def register() -> Any:
-    """Register (or refresh) a node: validates the body, stores it, answers with its assignment."""
+    """Register (or refresh) a node: validates the body, stores it, answers with its assignment.
+
+    A coordinator registration (and any registration of a key that belongs to a coordinator) must
+    carry ``proof``: a signature with the private key of ``public_key`` over the registration
+    fields and a timestamp (see :func:`tunnelmesh.node.sign_registration`), so nobody can register
+    or rename someone else's coordinator. A plain peer's proof is checked when present.
+    """
     require_mesh_token()
     ctx = _ctx()
     settings = ctx.settings
@@ -167,12 +184,23 @@ def register() -> Any:
         raise ApiError(400, "bad_request", "is_coordinator: must be true or false")
     version = _string(body, "version", limit=64)
     api_url, s3_url = _url(body, "api_url"), _url(body, "s3_url")
+    if is_coordinator and not api_url:
+        raise ApiError(400, "bad_request", "api_url: required for a coordinator")
 
     peer_id = peer_id_from_public_key(public_key)
+    self_id = ctx.identity.peer_id
+    view = ctx.registry.load_view()
+    holds_coordinator_key = view.get(peer_id) is not None or peer_id == self_id
+    if is_coordinator or holds_coordinator_key or "proof" in body:
+        problem = node.check_registration_proof(body, body["public_key"], settings.coordinator.max_clock_skew)
+        if problem is not None:
+            raise ApiError(403, "invalid_proof", f"{problem}; a coordinator must prove it holds its key")
+    if peer_id == self_id:
+        raise ApiError(409, "conflict", "a coordinator does not register with itself")
     try:
         record = ctx.registry.register(
             peer_id=peer_id, name=name, public_key=body["public_key"], addresses=addresses,
-            is_coordinator=is_coordinator, version=version, api_url=api_url, s3_url=s3_url,
+            is_coordinator=is_coordinator or holds_coordinator_key, version=version, api_url=api_url, s3_url=s3_url,
             mesh_cidr=settings.coordinator.mesh_cidr,
             is_admin=lambda pid, n: node.matches_admin(settings.coordinator.admin_peers, pid, n))
     except ReservedName as exc:
@@ -181,13 +209,16 @@ def register() -> Any:
         raise ApiError(507, "mesh_full", str(exc)) from None
     log.info("registered %s (peer %s, mesh IP %s, coordinator=%s)", record.name, peer_id, record.mesh_ip,
              is_coordinator)
+    if is_coordinator:
+        # The registrar just heard from it, and spreads the new member to everyone at once.
+        ctx.registry.record_heartbeat(peer_id, time.time())
+        view, changed = node.add_coordinator(ctx.registry, record, self_id)
+        if changed:
+            cluster.trigger_round(settings)
 
-    self_id = ctx.identity.peer_id
-    coordinators = ctx.registry.list_peers(coordinators_only=True)
-    # This coordinator first, so coord_mesh_ips[0] is the one the node registered with.
-    coordinators.sort(key=lambda r: (r.peer_id != self_id, r.name))
+    coordinators = node.coordinator_list(settings, ctx.registry, self_id, view)
     credentials = s3_credentials(ctx.token or "", peer_id)
-    return jsonify({
+    answer = {
         "peer_id": peer_id,
         "peer_name": record.name,
         "mesh_ip": record.mesh_ip,
@@ -195,12 +226,95 @@ def register() -> Any:
         "is_admin": record.is_admin,
         "s3": {"access_key": credentials.access_key, "secret_key": credentials.secret_key,
                "endpoint": node.s3_url(settings), "region": settings.s3.region},
-        "coordinators": [node.coordinator_entry(settings, r, self_id) for r in coordinators],
-        "coord_mesh_ips": [r.mesh_ip for r in coordinators],
+        "coordinators": coordinators,
+        "coord_mesh_ips": [c["mesh_ip"] for c in coordinators],
+        "membership_version": view.version,
+        "membership_digest": view.digest(),
         "server_name": settings.name,
         "server_peer_id": self_id,
         "server_version": node.version(),
-    })
+    }
+    if is_coordinator:
+        answer["membership"] = view.to_dict()  # the joining coordinator learns every member
+    return jsonify(answer)
+
+
+def _list_answer(ctx: Coordination) -> dict[str, Any]:
+    view = ctx.registry.load_view()
+    return {
+        "membership_version": view.version,
+        "membership_digest": view.digest(),
+        "coordinators": node.coordinator_list(ctx.settings, ctx.registry, ctx.identity.peer_id, view),
+        "server_peer_id": ctx.identity.peer_id,
+    }
+
+
+@bp.get("/api/v1/coordinators")
+def list_coordinators() -> Any:
+    """The coordinator list with health and the membership version (mesh token)."""
+    require_mesh_token()
+    return jsonify(_list_answer(_ctx()))
+
+
+@bp.post(cluster.HEARTBEAT_PATH)
+@require_coordinator
+def coordinator_heartbeat() -> Any:
+    """A heartbeat from another coordinator: merge its view, answer with ours."""
+    ctx = _ctx()
+    body = _json_object()
+    try:
+        answer, changed = cluster.receive_heartbeat(ctx.settings, ctx.registry, g.peer_id, body)
+    except ValueError as exc:
+        raise ApiError(400, "bad_request", f"membership: {exc}") from None
+    if changed:
+        cluster.trigger_round(ctx.settings)  # pass the news on without waiting for the next round
+    return jsonify(answer)
+
+
+@bp.post(cluster.REGISTRY_SYNC_PATH)
+@require_coordinator
+def registry_sync() -> Any:
+    """Registry anti-entropy: merge the sender's records, answer with all of ours."""
+    ctx = _ctx()
+    body = _json_object()
+    try:
+        records = cluster.parse_records(body.get("records"))
+    except ValueError as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
+    return jsonify(cluster.receive_records(ctx.settings, ctx.registry, records))
+
+
+@bp.post(cluster.REMOVE_PATH)
+@require_coordinator
+def remove_coordinator() -> Any:
+    """Admin removal of a coordinator (itself, or anyone when the caller is an admin coordinator)."""
+    ctx = _ctx()
+    body = _json_object()
+    target = body.get("peer_id")
+    if not is_peer_id(target):
+        raise ApiError(400, "bad_request", "peer_id: must be 16 lowercase hex characters")
+    if not cluster.may_remove(ctx.settings, ctx.registry, g.peer_id, target):
+        raise ApiError(403, "forbidden", "only the coordinator itself or an admin coordinator may remove it")
+    view, changed = cluster.remove_member(ctx.settings, ctx.registry, target, ctx.identity.peer_id)
+    if changed:
+        cluster.trigger_round(ctx.settings)
+    return jsonify({"removed": target, "membership_version": view.version})
+
+
+@bp.post("/api/v1/peers/heartbeat")
+@require_peer
+def peer_heartbeat() -> Any:
+    """A mesh peer's heartbeat: answered with the coordinator list (``membership_version`` tells
+    the peer whether it changed; health flags may change without a new version)."""
+    ctx = _ctx()
+    body = _json_object()
+    known = body.get("membership_version")
+    if known is not None and (not isinstance(known, int) or isinstance(known, bool)):
+        raise ApiError(400, "bad_request", "membership_version: must be an integer")
+    ctx.registry.touch(g.peer_id)
+    answer = _list_answer(ctx)
+    answer["coord_mesh_ips"] = [c["mesh_ip"] for c in answer["coordinators"]]
+    return jsonify(answer)
 
 
 def _register_error_handlers(app: Flask) -> None:
@@ -233,5 +347,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["tunnelmesh"] = Coordination(settings)
     app.register_blueprint(bp)
+    try:
+        from web.replication import bp as replication_bp  # written by the replication issue
+    except ModuleNotFoundError as exc:
+        if exc.name != "web.replication":
+            raise
+    else:
+        app.register_blueprint(replication_bp)
+    from web.sync import bp as sync_bp  # issue 6: manifest sync and rebalance endpoints
+
+    app.register_blueprint(sync_bp)
     _register_error_handlers(app)
     return app

@@ -10,9 +10,11 @@ from tests.support.coordinator import (
     tunnelmesh_command,
     wait_for,
 )
+from tests.support.peer import PeerNode
 
 __all__ = [
     "Coordinator",
+    "PeerNode",
     "cluster",
     "free_port",
     "processes_with_config",

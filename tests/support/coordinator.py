@@ -130,12 +130,22 @@ class Coordinator:
         self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
 
     @property
+    def scheme(self) -> str:
+        """https when the config names a TLS certificate (then both listeners serve HTTPS)."""
+        return "https" if self.config()["coordinator"].get("tls", {}).get("cert") else "http"
+
+    @property
+    def tls_ca(self) -> str | bool:
+        """What requests should verify this coordinator's certificate with."""
+        return self.config()["coordinator"].get("tls", {}).get("ca") or True
+
+    @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        return f"{self.scheme}://127.0.0.1:{self.api_port}"
 
     @property
     def s3_url(self) -> str:
-        return f"http://127.0.0.1:{self.s3_port}"
+        return f"{self.scheme}://127.0.0.1:{self.s3_port}"
 
     @property
     def address(self) -> str:
@@ -223,7 +233,7 @@ class Coordinator:
 
     def health(self, timeout: float = 2.0) -> dict[str, Any] | None:
         try:
-            resp = requests.get(f"{self.api_url}/health", timeout=timeout)
+            resp = requests.get(f"{self.api_url}/health", timeout=timeout, verify=self.tls_ca)
         except requests.RequestException:
             return None
         return resp.json() if resp.status_code == 200 else None
@@ -364,7 +374,7 @@ class Coordinator:
         if public_key is None:
             public_key = base64.b64encode(os.urandom(32)).decode()
         body = {"name": name, "public_key": public_key, **fields}
-        return requests.post(f"{self.api_url}/api/v1/register", json=body, timeout=10,
+        return requests.post(f"{self.api_url}/api/v1/register", json=body, timeout=10, verify=self.tls_ca,
                              headers={"Authorization": f"Bearer {token or self.token}"})
 
     # -- Redis and Celery of this coordinator ---------------------------------------------

@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
+from storage.membership import MembershipView
 from storage.registry import PeerRecord, PeerRegistry, ReservedName
 from tunnelmesh.config import Settings, settings_from_dict
 from tunnelmesh.identity import load_or_create_identity, peer_id_from_public_key, s3_credentials, store_token
-from tunnelmesh.node import open_registry, register_self
+from tunnelmesh.node import open_registry, register_self, sign_registration
 from web.coordination import create_app
 
 TOKEN = "tm_unit-test-mesh-token-0123456789"
@@ -87,15 +88,39 @@ def test_registration_assigns_an_address_and_returns_the_coordinators(client: An
     assert (again["peer_id"], again["mesh_ip"]) == (peer_id, body["mesh_ip"])
 
 
-def test_a_coordinator_joins_the_list(client: Any) -> None:
-    public_key, peer_id = new_key()
-    resp = register(client, {"name": "coordinator-b", "public_key": public_key, "is_coordinator": True,
-                             "api_url": "http://127.0.0.1:18444", "s3_url": "http://127.0.0.1:19001"})
+def coordinator_body(tmp_path: Path, name: str = "coordinator-b", port: int = 18444) -> tuple[dict[str, Any], str]:
+    """A signed coordinator registration (fresh identity under tmp_path) and its peer ID."""
+    identity = load_or_create_identity(tmp_path / name)
+    body = {"name": name, "public_key": identity.public_key_b64, "is_coordinator": True,
+            "api_url": f"http://127.0.0.1:{port}", "s3_url": f"http://127.0.0.1:{port + 1}"}
+    return sign_registration(identity, body), identity.peer_id
+
+
+def test_a_coordinator_joins_the_list(client: Any, tmp_path: Path) -> None:
+    body_in, peer_id = coordinator_body(tmp_path)
+    resp = register(client, body_in)
     body = resp.get_json()
+    assert resp.status_code == 200, body
     assert [c["name"] for c in body["coordinators"]] == ["coordinator-a", "coordinator-b"]
     entry = body["coordinators"][1]
     assert entry["peer_id"] == peer_id and entry["healthy"] is True and entry["api_url"] == "http://127.0.0.1:18444"
     assert body["coord_mesh_ips"][1] == body["mesh_ip"]
+    view = MembershipView.from_dict(body["membership"])
+    assert {m.peer_id for m in view.active_members()} == {peer_id, body["server_peer_id"]}
+    assert body["membership_version"] == view.version
+
+
+def test_a_coordinator_registration_needs_a_proof_of_key_ownership(client: Any, tmp_path: Path) -> None:
+    signed, _ = coordinator_body(tmp_path)
+    unsigned = {k: v for k, v in signed.items() if k != "proof"}
+    resp = register(client, unsigned)
+    assert resp.status_code == 403 and resp.get_json()["error"] == "invalid_proof"
+    tampered = {**signed, "api_url": "http://127.0.0.1:9999"}  # proof made for other fields
+    assert register(client, tampered).status_code == 403
+    other, _ = coordinator_body(tmp_path, "coordinator-c")
+    stolen = {**signed, "proof": other["proof"]}  # someone else's signature
+    assert register(client, stolen).status_code == 403
+    assert register(client, signed).status_code == 200
 
 
 def test_admin_peers_match_a_peer_id_or_a_name_glob(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -73,6 +73,13 @@ def create_app(settings: Settings | None = None) -> Flask:
         return error_response(S3Error("InternalError"))
 
     @app.after_request
+    def nudge_replication(response: Response) -> Response:
+        # Issue 5: a committed mutation (PUT, POST, DELETE that succeeded) has an outbox row.
+        if request.method in ("PUT", "POST", "DELETE") and response.status_code < 300:
+            app.extensions["tunnelmesh_s3"].nudge_replication()
+        return response
+
+    @app.after_request
     def request_headers(response: Response) -> Response:
         response.headers["x-amz-request-id"] = request_id()
         response.headers["x-amz-id-2"] = base64.b64encode(secrets.token_bytes(24)).decode()

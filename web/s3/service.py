@@ -19,6 +19,7 @@ from web.s3.errors import S3Error
 
 if TYPE_CHECKING:
     from storage.objects import ObjectStore
+    from tunnelmesh.replication import OutboxNudger
 
 
 @functools.lru_cache(maxsize=4096)
@@ -35,6 +36,7 @@ class S3Service:
         self._store: ObjectStore | None = None
         self._node_peer_id: str | None = None
         self._mesh_token: str | None = None
+        self._nudger: OutboxNudger | None = None
 
     # -- identity and credentials ---------------------------------------------------------------
 
@@ -79,7 +81,18 @@ class S3Service:
 
     def _open_store(self) -> ObjectStore:
         from storage.objects import ObjectStore
+        from tunnelmesh.replication import ChunkFetcher
 
         storage = self.settings.storage
+        # Chunks held by other coordinators (placement) are fetched from them (issue 5).
         return ObjectStore(self.data_dir, actor=self.node_peer_id, chunk_size=storage.chunk_size,
-                           fsync=storage.fsync, min_free_space=storage.min_free_space)
+                           fsync=storage.fsync, min_free_space=storage.min_free_space,
+                           chunk_fetcher=ChunkFetcher(self.settings))
+
+    def nudge_replication(self) -> None:
+        """After a committed mutation: ask the worker to drain the outbox (never blocks, never fails)."""
+        if self._nudger is None:
+            from tunnelmesh.replication import OutboxNudger
+
+            self._nudger = OutboxNudger(self.settings)
+        self._nudger.nudge()
