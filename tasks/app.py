@@ -14,7 +14,7 @@ Settings follow the Redis-broker rules (docs/configuration.md, "Celery"):
   delivered twice (:func:`visibility_timeout`). It is set in all three places Celery reads it.
 - Prefetch 1: long replication tasks do not sit reserved behind each other.
 - Results are ignored unless a task asks for one; they live in ``redis.result_db``.
-- Queues: ``replication``, ``manifest``, ``rebalance``, ``default`` (routes below).
+- Queues: ``membership``, ``replication``, ``manifest``, ``rebalance``, ``default`` (routes below).
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ from tunnelmesh.config import CONFIG_ENV, Settings, load_config
 
 log = logging.getLogger(__name__)
 
-QUEUES = ("replication", "manifest", "rebalance", "default")
+# "membership": coordinator heartbeats (issue 4), kept apart so they never sit in (or inflate) the
+# default queue, and listed first so the worker polls it first.
+QUEUES = ("membership", "replication", "manifest", "rebalance", "default")
 DEFAULT_QUEUE = "default"
 
 # Task modules of the project. Each is included only once it exists, so later issues add a module
@@ -58,7 +60,7 @@ TASK_ROUTES = {
     "tasks.outbox.*": {"queue": "replication"},
     "tasks.manifest_sync.*": {"queue": "manifest"},
     "tasks.rebalance.*": {"queue": "rebalance"},
-    "tasks.membership.*": {"queue": "default"},
+    "tasks.membership.*": {"queue": "membership"},
     "tasks.gc.*": {"queue": "manifest"},
 }
 
@@ -90,7 +92,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         schedule["membership-heartbeat"] = {
             "task": "tasks.membership.heartbeat_round",
             "schedule": heartbeat,
-            "options": {"expires": max(0.5, heartbeat), "queue": "default"},
+            "options": {"expires": max(0.5, heartbeat), "queue": "membership"},
         }
     # HOOK (issue 6): the safety-net manifest sync, scheduled as soon as tasks/manifest_sync.py
     # exists and defines the task ``tasks.manifest_sync.run``. ``expires`` drops a run that backed

@@ -11,6 +11,9 @@
   item stays in the ledger as a hint. The retry is explicit rather than ``autoretry_for`` because
   the last failure must record the hint, and because autoretry rounds the backoff factor to whole
   seconds with full jitter (0..delay), which hides the growth. ``rate_limit`` from the settings.
+  A push whose peer already has ``per_peer_slots`` pushes running (a slow peer) is *deferred*: sent
+  again after ~0.5 s as a new message carrying its attempt count, so it never holds a worker process
+  that pushes to the other peers need (a slow peer never delays the others).
 - ``replay_hints(peer_id=None)``: re-enqueue hints of ``peer_id`` (heartbeat handler: call
   :func:`replay_hints_for`) or of every peer that is up (beat, every ``replication.hint_interval``),
   plus queued items older than the visibility timeout whose message may have been lost.
@@ -29,7 +32,7 @@ from celery import signals
 
 from tasks.app import app, get_settings, visibility_timeout
 from tunnelmesh.config import ReplicationSettings, Settings
-from tunnelmesh.replication import PeerRejected, PeerUnavailable, ReplicationService
+from tunnelmesh.replication import PeerBusy, PeerRejected, PeerUnavailable, ReplicationService
 
 log = logging.getLogger("tunnelmesh.replication")
 
@@ -38,6 +41,7 @@ REPLICATE = "tasks.replicate.replicate_object"
 DRAIN = "tasks.replicate.drain_outbox"
 REPLAY = "tasks.replicate.replay_hints"
 STARTUP = "tasks.replicate.startup"
+DEFER_SECONDS = (0.3, 0.6)  # a push deferred because its peer's slots are busy comes back after this
 
 _loaded: Settings | None = getattr(app, "tunnelmesh_settings", None)
 _rep = _loaded.replication if _loaded is not None else ReplicationSettings()
@@ -65,10 +69,18 @@ def enqueue_replication(peer: str, kind: str, bucket: str, key: str) -> None:
 
 @app.task(name=REPLICATE, bind=True, acks_late=True, ignore_result=False, max_retries=_rep.max_attempts - 1,
           rate_limit=_rep.rate_limit or None)
-def replicate_object(self: Any, peer: str, kind: str, bucket: str, key: str) -> dict[str, Any]:
-    attempt = self.request.retries + 1
+def replicate_object(self: Any, peer: str, kind: str, bucket: str, key: str,
+                     attempts_before: int = 0) -> dict[str, Any]:
+    # ``attempts_before``: failed attempts of this item carried over a deferral (a new message).
+    attempt = attempts_before + self.request.retries + 1
     try:
         result = service().replicate(peer, kind, bucket, key)
+    except PeerBusy:
+        # The peer's push slots are all taken (a slow peer): free this process for other peers'
+        # pushes and come back shortly. Not an attempt: nothing was tried.
+        replicate_object.apply_async(args=[peer, kind, bucket, key], kwargs={"attempts_before": attempt - 1},
+                                     countdown=random.uniform(*DEFER_SECONDS), queue=QUEUE)
+        return {"outcome": "deferred", "attempts": attempt - 1}
     except PeerUnavailable as exc:
         rep = get_settings().replication
         if attempt >= rep.max_attempts:

@@ -200,7 +200,7 @@ def trigger_round(settings: Settings) -> None:
                     app = Celery("tunnelmesh-trigger", broker=redis_server.broker_url(settings))
                     app.conf.broker_connection_retry_on_startup = False
                     _celery_apps[settings.name] = app
-            app.send_task(ROUND_TASK, queue="default", expires=max(1.0, 5 * settings.coordinator.heartbeat_interval),
+            app.send_task(ROUND_TASK, queue="membership", expires=max(1.0, 5 * settings.coordinator.heartbeat_interval),
                           retry=False)
         except Exception as exc:  # noqa: BLE001 - best effort: the beat round follows anyway
             log.info("could not trigger a heartbeat round: %s", exc)

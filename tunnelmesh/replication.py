@@ -42,6 +42,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -75,6 +76,15 @@ class PeerUnavailable(Exception):
 
 class PeerRejected(Exception):
     """The peer refused the request (4xx): retrying the same request would not help."""
+
+
+class PeerBusy(Exception):
+    """Every push slot of this peer is taken (it is slow): run the task again a little later
+    instead of holding a worker process that pushes to the other peers."""
+
+
+class QuorumNotReached(Exception):
+    """``replication.write_quorum`` coordinators did not confirm a write within ``peer_timeout``."""
 
 
 class MemberLike(Protocol):
@@ -206,9 +216,47 @@ def replication_slot(run_dir: Path, slots: int, wait: float) -> Iterator[None]:
         time.sleep(0.05)
 
 
+def per_peer_slots(settings: Settings) -> int:
+    """Pushes to ONE peer that may run at once on this coordinator.
+
+    One less than the pushes the worker can run at all, so a peer that crawls (every push to it
+    lasting up to ``peer_timeout`` per request) never holds every worker process: pushes to the
+    other peers always find one. (With ``worker.concurrency`` 1 there is nothing to keep free.)
+    """
+    return max(1, min(settings.replication.concurrency, settings.worker.concurrency) - 1)
+
+
+@contextlib.contextmanager
+def peer_slot(run_dir: Path, peer: str, slots: int) -> Iterator[None]:
+    """Hold one of ``slots`` file locks of ``peer`` without waiting; PeerBusy if all are held."""
+    lock_dir = run_dir / "replication-peer-slots"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    safe_peer = "".join(ch for ch in peer if ch.isalnum())[:64] or "peer"
+    for index in range(slots):
+        handle = open(lock_dir / f"{safe_peer}-{index}", "a+")  # noqa: SIM115 - held across the yield
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+        return
+    raise PeerBusy(f"all {slots} push slot(s) of peer {peer} are busy")
+
+
 # =============================================================================================
 # The service
 # =============================================================================================
+
+
+@dataclass(frozen=True, slots=True)
+class QuorumOutcome:
+    holders: int  # coordinators holding the metadata when the quorum was reached (writer included)
+    seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,13 +383,17 @@ class ReplicationService:
         if member is None or peer == self.self_id:
             self.ledger.done(peer, kind, bucket, key, 2**62)  # not a coordinator (any more): nothing to do
             return PushResult("skipped")
-        gen = self.ledger.claim(peer, kind, bucket, key) or 0
         rep = self.settings.replication
-        with replication_slot(self.settings.data_dir / "run", rep.concurrency, rep.peer_timeout):
-            if kind == KIND_BUCKET:
-                result = self._push_bucket(member, bucket)
-            else:
-                result = self._push_object(member, bucket, key, list(members))
+        run_dir = self.settings.data_dir / "run"
+        # The peer's own slot first, without waiting (PeerBusy: the task comes back later), so a
+        # slow peer's backlog never occupies the processes the other peers' pushes need.
+        with peer_slot(run_dir, peer, per_peer_slots(self.settings)):
+            gen = self.ledger.claim(peer, kind, bucket, key) or 0
+            with replication_slot(run_dir, rep.concurrency, rep.peer_timeout):
+                if kind == KIND_BUCKET:
+                    result = self._push_bucket(member, bucket)
+                else:
+                    result = self._push_object(member, bucket, key, list(members))
         if gen:
             self.ledger.done(peer, kind, bucket, key, gen)
         return result
@@ -378,6 +430,89 @@ class ReplicationService:
         self._post_json(member, "/object", payload)
         dropped = 0 if record.deleted else self.drop_extra_copies(record.chunks, member_ids)
         return PushResult("sent", sent, present, dropped)
+
+    # -- synchronous write quorum (replication.write_quorum >= 2) -------------------------------
+    def push_for_quorum(self, record: ObjectRecord, quorum: int | None = None) -> QuorumOutcome:
+        """Before the S3 answer: make ``quorum`` coordinators (this one included) hold ``record``.
+
+        Every other coordinator gets, in parallel, the chunks placement gives it and the metadata
+        (as the asynchronous push would). The call returns as soon as every chunk is durable on
+        ``quorum`` coordinators and the metadata on ``quorum`` coordinators; pushes still running
+        finish in the background. Raises ``QuorumNotReached`` when that is not so within
+        ``replication.peer_timeout``: the write stays committed locally and its outbox row still
+        replicates it later (the client should retry; a retried PUT is a new, later version).
+        Only placement holders count for a chunk (no sloppy quorum): with a holder down, a write
+        whose chunk needs that holder to reach the quorum is refused rather than parked elsewhere.
+        """
+        rep = self.settings.replication
+        quorum = rep.write_quorum if quorum is None else quorum
+        started = time.monotonic()
+        if quorum <= 1:
+            return QuorumOutcome(1, 0.0)
+        members = {m.peer_id: m for m in self.members()}
+        member_ids = list(members)
+        if self.self_id not in members:
+            raise QuorumNotReached("this coordinator is not in its own membership view yet")
+        chunk_hashes = [] if record.deleted else list(dict.fromkeys(ref.hash for ref in record.chunks))
+        copies = {h: {self.self_id} for h in chunk_hashes}  # the writer's own copies are durable already
+        meta_holders = {self.self_id}
+        errors: list[str] = []
+
+        def reached() -> bool:
+            return len(meta_holders) >= quorum and all(len(holders) >= quorum for holders in copies.values())
+
+        peers = [members[p] for p in member_ids if p != self.self_id]
+        pool = ThreadPoolExecutor(max_workers=max(1, len(peers)), thread_name_prefix="quorum-push")
+        try:
+            futures = {pool.submit(self._push_record, member, record, member_ids): member for member in peers}
+            deadline = started + rep.peer_timeout
+            pending = set(futures)
+            while pending and not reached():
+                done, pending = wait(pending, timeout=max(0.0, deadline - time.monotonic()),
+                                     return_when=FIRST_COMPLETED)
+                if not done:
+                    break  # peer_timeout is over
+                for future in done:
+                    member = futures[future]
+                    try:
+                        confirmed = future.result()
+                    except (PeerUnavailable, PeerRejected, ChunkMissing) as exc:
+                        errors.append(f"{member.name}: {exc}")
+                        continue
+                    meta_holders.add(member.peer_id)
+                    for chunk_hash in confirmed:
+                        copies[chunk_hash].add(member.peer_id)
+        finally:
+            pool.shutdown(wait=False)  # stragglers finish on their own; the async push covers them too
+        elapsed = time.monotonic() - started
+        if not reached():
+            short = sum(1 for holders in copies.values() if len(holders) < quorum)
+            raise QuorumNotReached(
+                f"write quorum {quorum} not reached for {record.bucket}/{record.key} within "
+                f"{rep.peer_timeout:g}s: metadata on {len(meta_holders)} coordinator(s), {short} of "
+                f"{len(copies)} chunk(s) short of {quorum} copies ({'; '.join(errors) or 'peers too slow'})")
+        return QuorumOutcome(len(meta_holders), elapsed)
+
+    def _push_record(self, member: MemberLike, record: ObjectRecord, member_ids: list[str]) -> list[str]:
+        """Push ``record`` (chunks placed on ``member``, then metadata); returns the chunk hashes
+        ``member`` now holds durably."""
+        factor = self.settings.replication.factor
+        wanted = [] if record.deleted else chunks_for_peer(record.chunks, member.peer_id, member_ids, factor)
+        confirmed: list[str] = []
+        if wanted:
+            answer = self._post_json(member, "/chunks/have", {"hashes": [ref.hash for ref in wanted]})
+            have = set(answer.get("have", [])) if isinstance(answer, dict) else set()
+            for ref in wanted:
+                if ref.hash not in have:
+                    self._put_chunk(member, ref)
+                confirmed.append(ref.hash)
+            self.ledger.confirm_chunks(member.peer_id, confirmed)
+        payload: dict[str, Any] = {"object": record.to_dict()}
+        bucket_record: BucketRecord | None = self.store.meta.get_bucket(record.bucket)
+        if bucket_record is not None:
+            payload["bucket"] = bucket_record.to_dict()
+        self._post_json(member, "/object", payload)
+        return confirmed
 
     def drop_extra_copies(self, chunks: Iterable[ChunkRef], member_ids: Sequence[str]) -> int:
         """The writer cleanup rule (module docstring): drop copies every holder confirmed."""

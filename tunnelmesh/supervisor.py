@@ -78,7 +78,7 @@ _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 
 # Stop order: lower phases first. Redis is last so the others can shut down cleanly against it.
 APP_PHASE, REDIS_PHASE = 0, 1
-QUEUES = "replication,manifest,rebalance,default"
+QUEUES = "membership,replication,manifest,rebalance,default"
 GUNICORN_ROLE_ENV = "TUNNELMESH_GUNICORN_ROLE"
 POLL_INTERVAL = 0.1
 

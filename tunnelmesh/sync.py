@@ -274,10 +274,24 @@ class SyncService:
     def caught_up(self) -> bool:
         return is_caught_up(self.store.data_dir, self.incarnation)
 
+    def _db_state(self) -> tuple[int, int, int]:
+        # Unchanged exactly when nothing was committed: PRAGMA data_version moves on commits by
+        # other connections, total_changes on this connection's own.
+        with self.store.meta.read() as tx:
+            version = tx.conn.execute("PRAGMA data_version").fetchone()[0]
+            return (id(tx.conn), int(version), int(tx.conn.total_changes))
+
     def manifest(self, round_id: str | None = None) -> LocalManifest:
-        """The local manifest; within one round (same ``round_id``) built once and reused."""
+        """The local manifest: rebuilt only when the database changed (or, within one round with
+        the same ``round_id``, built once and reused even across connections)."""
+        state = self._db_state()
+        last = getattr(self, "_last", None)
+        if last is not None and last[0] == state:
+            return last[1]  # type: ignore[no-any-return]
         if not round_id:
-            return LocalManifest.load(self.store.meta)
+            built = LocalManifest.load(self.store.meta)
+            self._last = (state, built)
+            return built
         now = time.monotonic()
         with self._cache_lock:
             for key in [k for k, (at, _) in self._cache.items() if now - at > 60]:
@@ -286,6 +300,7 @@ class SyncService:
         if cached is not None:
             return cached[1]
         built = LocalManifest.load(self.store.meta)
+        self._last = (state, built)
         with self._cache_lock:
             if len(self._cache) >= 4:
                 self._cache.pop(min(self._cache, key=lambda k: self._cache[k][0]))

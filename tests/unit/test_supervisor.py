@@ -71,7 +71,7 @@ def test_child_commands(tmp_path: Path) -> None:
     assert role_argv("s3", s)[-1] == "web.s3:create_app()"
     worker = role_argv("worker", s)
     assert worker[1:6] == ["-m", "celery", "-A", "tasks.app", "worker"]
-    for option in (["--queues", "replication,manifest,rebalance,default"], ["--concurrency", "3"],
+    for option in (["--queues", "membership,replication,manifest,rebalance,default"], ["--concurrency", "3"],
                    ["--pool", "threads"], ["--hostname", "coordinator-a@%h"], ["--pidfile", str(run / "worker.pid")]):
         index = worker.index(option[0])
         assert worker[index:index + 2] == option

@@ -98,6 +98,7 @@ def complete_multipart_upload(call: S3Call) -> Response:
     upload = _upload(call)
     parts = xml.parse_complete_multipart(call.small_body())
     record = call.store.complete_multipart(upload.upload_id, parts)
+    call.service.await_write_quorum(record)  # replication.write_quorum >= 2 (issue 5)
     root = xml.document("CompleteMultipartUploadResult")
     host = call.headers.get("Host", "")
     scheme = call.environ.get("wsgi.url_scheme", "http")

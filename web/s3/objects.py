@@ -102,6 +102,7 @@ def put_object(call: S3Call) -> Response:
         call.bucket_name, key, reader, content_length=length,
         meta=ObjectMeta(content_type=meta.content_type, headers=stored_headers, user_meta=meta.user_meta),
         content_md5=md5, if_none_match_any=if_none_match is not None)
+    call.service.await_write_quorum(record)  # replication.write_quorum >= 2 (issue 5)
     response_headers = {"ETag": quote_etag(record.etag)}
     response_headers.update(checksum_headers_of(record.headers) or verified_checksums(reader))
     return empty_response(200, response_headers)
@@ -278,6 +279,7 @@ def copy_object(call: S3Call) -> Response:
         replaced.headers.update(checksum_headers_of(source.headers))
         meta = object_meta(replaced)
     record = call.store.copy_object(source.bucket, source.key, call.bucket_name, key, meta)
+    call.service.await_write_quorum(record)  # replication.write_quorum >= 2 (issue 5)
     root = xml.document("CopyObjectResult")
     xml.children(root, [("LastModified", xml.iso8601(record.last_modified_us)),
                         ("ETag", quote_etag(record.etag))])

@@ -18,8 +18,9 @@ from web.s3.access import Principal, principal_for
 from web.s3.errors import S3Error
 
 if TYPE_CHECKING:
+    from storage.metadata import ObjectRecord
     from storage.objects import ObjectStore
-    from tunnelmesh.replication import OutboxNudger
+    from tunnelmesh.replication import OutboxNudger, ReplicationService
 
 
 @functools.lru_cache(maxsize=4096)
@@ -37,6 +38,7 @@ class S3Service:
         self._node_peer_id: str | None = None
         self._mesh_token: str | None = None
         self._nudger: OutboxNudger | None = None
+        self._replication: ReplicationService | None = None
 
     # -- identity and credentials ---------------------------------------------------------------
 
@@ -96,3 +98,23 @@ class S3Service:
 
             self._nudger = OutboxNudger(self.settings)
         self._nudger.nudge()
+
+    def await_write_quorum(self, record: ObjectRecord) -> None:
+        """With ``replication.write_quorum`` >= 2, hold the acknowledgement of a committed object write
+        until that many coordinators hold it durably; else S3 ServiceUnavailable (503). The write
+        stays committed here and is still replicated asynchronously (the client should retry)."""
+        if self.settings.replication.write_quorum <= 1:
+            return
+        from tunnelmesh.replication import QuorumNotReached, ReplicationService
+
+        if self._replication is None:
+            with self._lock:
+                if self._replication is None:
+                    self._replication = ReplicationService(self.settings, store=self.store,
+                                                           self_id=self.node_peer_id)
+        try:
+            self._replication.push_for_quorum(record)
+        except QuorumNotReached as exc:
+            self.nudge_replication()  # the 503 skips the after-request nudge; the outbox row is there
+            raise S3Error("ServiceUnavailable", f"{exc}. The write is kept by this coordinator and "
+                          "replicated later; retry the request.") from None
