@@ -468,6 +468,7 @@ def test_corrupt_chunk_is_never_served_and_is_quarantined(make_coordinator: Call
 # -- 4. full disk -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_min_free_space_refuses_writes_cleanly_and_writes_resume_after_reconfiguring(
         make_coordinator: Callable[..., Coordinator]) -> None:
     """``storage.min_free_space`` set far above the free space (1000 TiB). Shows: PUT and
@@ -843,14 +844,11 @@ def test_s3_worker_killed_mid_request_client_sees_an_error_and_a_retry_succeeds(
     got = bytearray(response.raw.read(CHUNK))
     worker.kill()
     worker.wait(10)
-    failed = False
-    try:
+    # What was already in the socket buffers may still arrive; then the body is cut short.
+    with contextlib.suppress(requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError):
         for piece in response.iter_content(65536):
             got += piece
-    except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError):
-        failed = True
-    assert failed or len(got) < len(big) or bytes(got) == big
-    assert bytes(got) == big[:len(got)]  # whatever arrived is the object's own prefix
+    assert bytes(got) == big[:len(got)]  # whatever arrived is the object's own prefix, never other bytes
     wait_for_new_s3_worker(node, worker, s3)
 
     assert assert_store_consistent(s3, BUCKET) == {"big": big, "cut-upload": body}
