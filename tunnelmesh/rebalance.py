@@ -17,6 +17,15 @@ also returns the holder's membership fingerprint: nothing is dropped unless both
 membership (so on who the holders are). Objects stay readable throughout: reads of chunks not held
 locally fall back to any holder, and a chunk is never dropped before its new holders have it.
 
+Metadata catch-up first
+-----------------------
+A run starts with a manifest-sync run in catch-up mode, metadata only (``catch_up_metadata``): every
+node pulls, over every range, the records a peer holds that it lacks or holds older, and the range
+owners push theirs. A write whose replication fanned out before the writer knew the new member (so
+never reached it) is therefore known everywhere before anyone works out what it must hold; no
+manual sync is needed after a join. Chunks are not moved by that run: the budgeted cycles move them.
+If a peer's membership view still differs (its rounds are skipped), the start waits and tries again.
+
 Trigger and debounce
 --------------------
 ``request_rebalance(settings)`` (called by the beat watcher ``check_membership`` when the
@@ -29,7 +38,8 @@ Drain (``tunnelmesh leave``)
 ----------------------------
 ``drain(settings, progress_callback)``: the leaving coordinator first pushes its pending
 replication, then sends every chunk it holds to the holders placement gives it *without* itself,
-checking with each holder first; it reports done only when every such holder confirmed every chunk.
+asking each holder first which of them it already has and sending only the ones it lacks (so
+bytes moved are not overcounted); it reports done only when every such holder confirmed every chunk.
 Then the CLI removes it from the membership; the others rebalance (nothing left to fetch).
 """
 
@@ -148,10 +158,13 @@ class Rebalancer:
         report.remaining_bytes = sum(ref.size for ref in left)
         return report
 
-    def confirmed_by_holders(self, hashes: Iterable[str], holders_of: Callable[[str], list[str]],
-                             fingerprint: str | None) -> set[str]:
-        """The hashes every holder (``holders_of``) confirmed; with ``fingerprint``, only holders
-        that agree on it count."""
+    def ask_holders(self, hashes: Iterable[str], holders_of: Callable[[str], list[str]],
+                    fingerprint: str | None) -> tuple[dict[str, list[str]], dict[str, set[str]]]:
+        """Ask every holder (``holders_of``, self excluded) which of its chunks it holds durably.
+
+        Returns ``(holders per hash, confirmed hashes per holder)``; a holder that cannot be
+        reached, or (with ``fingerprint``) disagrees on the membership, confirms nothing.
+        """
         wanted: dict[str, list[str]] = {}
         by_peer: dict[str, list[str]] = {}
         for chunk_hash in hashes:
@@ -167,22 +180,36 @@ class Rebalancer:
                     peer_fp, confirmed = self.confirm(peer, peer_hashes[start:start + CONFIRM_BATCH])
                 except Exception as exc:  # noqa: BLE001 - unreachable holder: drop nothing it holds
                     log.info("rebalance: %s could not confirm chunks: %s", peer, exc)
+                    got = set()
                     break
                 if fingerprint is not None and peer_fp != fingerprint:
+                    got = set()
                     break
                 got |= confirmed
             have[peer] = got
+        return wanted, have
+
+    def confirmed_by_holders(self, hashes: Iterable[str], holders_of: Callable[[str], list[str]],
+                             fingerprint: str | None) -> set[str]:
+        """The hashes every holder (``holders_of``) confirmed; with ``fingerprint``, only holders
+        that agree on it count."""
+        wanted, have = self.ask_holders(hashes, holders_of, fingerprint)
         return {h for h, holders in wanted.items() if holders and all(h in have.get(p, ()) for p in holders)}
 
     def drop_extra_copies(self) -> tuple[int, int]:
         """Drop local referenced chunks this node is not a holder of, once every holder confirmed
         them (and agrees on the membership). Returns (chunks, bytes) dropped."""
+        dropped, freed, _ = self.drop_extra_copies_report()
+        return dropped, freed
+
+    def drop_extra_copies_report(self) -> tuple[int, int, int]:
+        """``drop_extra_copies``, plus the number of extra copies kept (not confirmed yet)."""
         members = self.members()
         referenced = referenced_chunk_sizes(self.store.meta)
         local = [h for h in referenced if self.store.chunks.exists(h)]
         extras = extra_copies(local, self.self_id, members, self.factor)
         if not extras:
-            return 0, 0
+            return 0, 0, 0
         fingerprint = members_fingerprint(members)
         confirmed = self.confirmed_by_holders(extras, lambda h: place(h, members, self.factor), fingerprint)
         dropped = freed = 0
@@ -190,7 +217,59 @@ class Rebalancer:
             if self.store.chunks.delete(chunk_hash):
                 dropped += 1
                 freed += referenced.get(chunk_hash, 0)
-        return dropped, freed
+        return dropped, freed, len(extras) - len(confirmed)
+
+
+SendChunk = Callable[[str, ChunkRef], None]  # (peer, chunk) -> upload it, verified on arrival
+
+
+@dataclass(slots=True)
+class DrainPass:
+    """One pass of a drain: what the holders already had, what was sent, what is still pending."""
+    chunks: int = 0
+    already_held: int = 0  # (chunk, holder) pairs the holder confirmed without an upload
+    sent_chunks: int = 0
+    sent_bytes: int = 0
+    failed: int = 0
+    pending_chunks: int = 0
+    pending_bytes: int = 0
+
+
+def drain_pass(rebalancer: Rebalancer, remaining_members: Sequence[str], send: SendChunk) -> DrainPass:
+    """Give every referenced chunk this node holds to its holders among ``remaining_members``.
+
+    Each holder is asked first which of its chunks it has (``Rebalancer.confirm``); only the
+    (chunk, holder) pairs it lacks are uploaded, so bytes are counted once per real transfer. A
+    chunk is *pending* until every holder confirmed it (the pass after an upload re-asks).
+    """
+    if not remaining_members:
+        raise RuntimeError("the last coordinator cannot drain: nobody would hold its data")
+    store = rebalancer.store
+    referenced = referenced_chunk_sizes(store.meta)
+    local = [h for h in sorted(referenced) if store.chunks.exists(h)]
+
+    def holders_of(chunk_hash: str) -> list[str]:
+        return place(chunk_hash, remaining_members, rebalancer.factor)
+
+    wanted, have = rebalancer.ask_holders(local, holders_of, None)
+    result = DrainPass(chunks=len(local))
+    for chunk_hash, holders in wanted.items():
+        lacking = [p for p in holders if chunk_hash not in have.get(p, ())]
+        result.already_held += len(holders) - len(lacking)
+        if not lacking:
+            continue
+        result.pending_chunks += 1
+        result.pending_bytes += referenced[chunk_hash]
+        for peer in lacking:
+            try:
+                send(peer, ChunkRef(chunk_hash, referenced[chunk_hash]))
+            except Exception as exc:  # noqa: BLE001 - retried on the next pass
+                log.warning("drain: chunk %s to %s failed: %s", chunk_hash, peer, exc)
+                result.failed += 1
+                continue
+            result.sent_chunks += 1
+            result.sent_bytes += referenced[chunk_hash]
+    return result
 
 
 # =============================================================================================
@@ -281,6 +360,20 @@ def cycles(settings: Settings) -> list[dict[str, Any]]:
     return [json.loads(item) for item in _redis(settings).lrange(CYCLE_LOG_KEY, 0, -1)]
 
 
+def catch_up_metadata(settings: Settings, *, lock_timeout: float | None = None) -> dict[str, Any]:
+    """The metadata catch-up a rebalance starts with (module docstring): one manifest-sync run in
+    catch-up mode, records only. Adds ``membership_agreed``: False when a peer's view still differs
+    (its rounds were skipped), so the caller should try again shortly."""
+    from tunnelmesh.sync import run_sync_once
+
+    if lock_timeout is None:  # wait for a running beat sync, well within the task's time limit
+        lock_timeout = min(120.0, settings.worker.task_time_limit / 4)
+    report = run_sync_once(settings, lock_timeout=lock_timeout, catch_up=True, metadata_only=True)
+    rounds = report.get("rounds", [])
+    report["membership_agreed"] = "skipped" not in report and not any(r["outcome"] == "skipped" for r in rounds)
+    return report
+
+
 def members_changed(settings: Settings) -> bool:
     """True (once) when the membership fingerprint differs from the one last seen (beat watcher)."""
     from tunnelmesh import node
@@ -302,8 +395,8 @@ def drain(settings: Settings, progress_callback: Callable[[dict[str, Any]], None
     """Hand every chunk of this coordinator to its holders without it; returns when all confirmed.
 
     Call before removing this coordinator from the membership (``tunnelmesh leave``).
-    ``progress_callback`` receives ``{moved_bytes, remaining_bytes, remaining_chunks}`` after
-    each pass. Raises TimeoutError if holders could not confirm everything within ``timeout``.
+    ``progress_callback`` receives ``{moved_bytes, moved_chunks, remaining_bytes, remaining_chunks,
+    passes, chunks}`` after each pass (remaining: not yet confirmed by every new holder). Raises TimeoutError if holders could not confirm everything within ``timeout``.
     """
     from tunnelmesh import node
 
@@ -318,33 +411,89 @@ def drain(settings: Settings, progress_callback: Callable[[dict[str, Any]], None
             log.warning("drain: replicate %s/%s to %s failed: %s", item.bucket, item.key, item.peer, exc)
     members = {m.peer_id: m for m in node.coordinator_members(settings)}
     remaining_members = [p for p in members if p != self_id]
-    factor = settings.replication.factor
     deadline = time.monotonic() + timeout
-    moved = 0
+    moved = moved_chunks = passes = 0
+
+    def send(peer: str, ref: ChunkRef) -> None:
+        service._put_chunk(members[peer], ref)
+
     while True:
-        referenced = referenced_chunk_sizes(service.store.meta)
-        local = [h for h in referenced if service.store.chunks.exists(h)]
-        if not remaining_members:
-            raise RuntimeError("the last coordinator cannot drain: nobody would hold its data")
-
-        def holders_of(chunk_hash: str) -> list[str]:
-            return place(chunk_hash, remaining_members, factor)
-
-        confirmed = rebalancer.confirmed_by_holders(local, holders_of, None)
-        pending = [h for h in local if h not in confirmed]
-        report = {"moved_bytes": moved, "remaining_chunks": len(pending),
-                  "remaining_bytes": sum(referenced[h] for h in pending)}
+        result = drain_pass(rebalancer, remaining_members, send)
+        passes += 1
+        moved += result.sent_bytes
+        moved_chunks += result.sent_chunks
+        # Uploads of this pass are confirmed by the next one's question; what was already held
+        # needs nothing more. Done when a pass found nothing to send.
+        done = result.pending_chunks == 0
+        report = {"moved_bytes": moved, "moved_chunks": moved_chunks, "remaining_chunks": result.pending_chunks,
+                  "remaining_bytes": result.pending_bytes, "passes": passes, "chunks": result.chunks}
         if progress_callback is not None:
             progress_callback(report)
-        if not pending:
-            return {**report, "chunks": len(local)}
+        if done:
+            return report
         if time.monotonic() > deadline:
-            raise TimeoutError(f"drain: {len(pending)} chunk(s) not confirmed by their new holders")
-        for chunk_hash in pending:
-            for peer in holders_of(chunk_hash):
-                try:
-                    service._put_chunk(members[peer], ChunkRef(chunk_hash, referenced[chunk_hash]))
-                    moved += referenced[chunk_hash]
-                except Exception as exc:  # noqa: BLE001 - retried on the next pass
-                    log.warning("drain: chunk %s to %s failed: %s", chunk_hash, peer, exc)
-        time.sleep(0.2)
+            raise TimeoutError(f"drain: {result.pending_chunks} chunk(s) not confirmed by their new holders")
+        if result.failed:
+            time.sleep(0.2)
+
+
+# =============================================================================================
+# Progress display (``tunnelmesh status`` and its watch mode)
+# =============================================================================================
+
+
+def _human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(value) < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{count} B"  # pragma: no cover - unreachable
+
+
+def _progress_bar(fraction: float, width: int) -> str:
+    width = max(1, width)
+    filled = int(round(max(0.0, min(1.0, fraction)) * width))
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def format_progress(progress: dict[str, Any], width: int) -> str:
+    """Render ``rebalance_progress`` output: one line per coordinator with its state, bytes moved
+    and remaining, and a text progress bar, fitted to ``width`` columns (the CLI's watch mode
+    redraws it every second). A remaining count of -1 (not computed yet) or a coordinator that
+    could not be asked shows no bar; a finished one shows a full bar.
+    """
+    width = max(40, width)
+    names = sorted(progress)
+    if not names:
+        return "no coordinators"
+    name_width = min(max(len(n) for n in names), 24)
+    lines = []
+    total_moved = total_remaining = 0
+    for name in names:
+        info = progress[name] if isinstance(progress[name], dict) else {}
+        state = str(info.get("state", "unknown"))
+        moved = int(info.get("moved_bytes", 0) or 0)
+        remaining = int(info.get("remaining_bytes", -1) if info.get("remaining_bytes") is not None else -1)
+        head = f"{name[:name_width]:<{name_width}}  {state:<11}"
+        if state in ("unreachable", "unknown"):
+            detail = str(info.get("error", ""))
+            lines.append(f"{head}  {detail}"[:width])
+            continue
+        total_moved += moved
+        numbers = f"moved {_human_bytes(moved):>9}  remaining " + (
+            f"{_human_bytes(max(remaining, 0)):>9}" if remaining >= 0 else f"{'?':>9}")
+        total_remaining += max(remaining, 0)
+        if state == "done" or remaining == 0:
+            fraction: float | None = 1.0
+        elif remaining > 0:
+            fraction = moved / (moved + remaining)
+        else:
+            fraction = None
+        bar_width = width - len(head) - len(numbers) - 11
+        if fraction is None or bar_width < 5:
+            lines.append(f"{head}  {numbers}"[:width])
+        else:
+            lines.append(f"{head}  {_progress_bar(fraction, bar_width)} {fraction * 100:3.0f}%  {numbers}"[:width])
+    lines.append(f"total: moved {_human_bytes(total_moved)}, remaining {_human_bytes(total_remaining)}"[:width])
+    return "\n".join(lines)

@@ -250,13 +250,16 @@ class SyncService:
 
     def __init__(self, store: Any, self_id: str, members: Callable[[], list[str]], *,
                  tombstone_grace: float = 86400.0, factor: int = 2,
-                 chunk_fetcher: Callable[[str], bytes] | None = None) -> None:
+                 chunk_fetcher: Callable[[str], bytes] | None = None, fetch_chunks: bool = True) -> None:
         self.store = store
         self.self_id = self_id
         self.members = members
         self.tombstone_grace = tombstone_grace
         self.factor = factor
         self.chunk_fetcher = chunk_fetcher
+        # False for the metadata catch-up at the start of a rebalance: its budgeted cycles move the
+        # chunks, so pulled records must not fetch them outside the budget.
+        self.fetch_chunks = fetch_chunks
         self._cache: dict[str, tuple[float, LocalManifest]] = {}
         self._cache_lock = threading.Lock()
         self._tombstones: TombstoneLedger | None = None
@@ -481,7 +484,7 @@ class SyncService:
         for raw in answer.get("objects", []):
             try:
                 record = ObjectRecord.from_dict(raw)
-                if not record.deleted:
+                if not record.deleted and self.fetch_chunks:
                     self._fetch_chunks(link, record.chunks, members)
                 if self.store.meta.get_bucket(record.bucket) is None:
                     continue
@@ -509,21 +512,28 @@ class SyncService:
             store.write_verified(data, ref.hash)
 
     # -- a whole run -------------------------------------------------------------------------------
-    def run(self, links: Sequence[PeerLink], *, now_us: int | None = None) -> dict[str, Any]:
-        """One sync run: catch-up first if needed, then an owner round with every peer, then
-        tombstone purge. Returns the report."""
+    def run(self, links: Sequence[PeerLink], *, now_us: int | None = None, catch_up: bool = False) -> dict[str, Any]:
+        """One sync run: catch-up first if needed (or asked: ``catch_up``), then an owner round
+        with every peer, then tombstone purge. Returns the report.
+
+        ``catch_up=True`` is what a rebalance starts with: after a membership change every node
+        pulls, over every range, whatever a peer holds that it lacks (writes whose replication
+        fanned out before the writer knew this node), before working out what it must hold.
+        """
         started = time.monotonic()
         members = self.members()
         report: dict[str, Any] = {"node": self.self_id, "members": len(members), "rounds": [], "purged": 0}
-        if not self.caught_up():
+        was_caught_up = self.caught_up()
+        if catch_up or not was_caught_up:
             rounds = [self.compare(link, mode="catch-up") for link in links]
             report["rounds"] += [r.to_dict() for r in rounds]
             done = [r for r in rounds if r.outcome in ("equal", "repaired")]
-            if links and not done:
+            if links and not done and not was_caught_up:
                 report["caught_up"] = False
                 report["seconds"] = round(time.monotonic() - started, 3)
                 return report  # nobody reachable: stay a pull-only node
-            mark_caught_up(self.store.data_dir, self.incarnation)
+            if not was_caught_up:
+                mark_caught_up(self.store.data_dir, self.incarnation)
         report["caught_up"] = True
         owner_rounds = [self.compare(link, mode="owner") for link in links]
         report["rounds"] += [r.to_dict() for r in owner_rounds]
@@ -571,9 +581,10 @@ class SyncService:
 class LocalLink:
     """A link to a ``SyncService`` in this process; bodies go through JSON so byte counts are real."""
 
-    def __init__(self, local: SyncService, remote: SyncService) -> None:
+    def __init__(self, local: SyncService, remote: SyncService, *, metadata_only: bool = False) -> None:
         self.local = local
         self.remote = remote
+        self.metadata_only = metadata_only
         self.peer_id = remote.self_id
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -596,7 +607,7 @@ class LocalLink:
         if record is None:
             return
         members = self.local.members()
-        for ref in record.chunks if not record.deleted else ():
+        for ref in record.chunks if not (record.deleted or self.metadata_only) else ():
             if self.peer_id in place(ref.hash, members, self.local.factor) and not self.remote.store.chunks.exists(ref.hash):
                 data = self.local.store.chunks.read(ref.hash)
                 self.remote.store.chunks.write_verified(data, ref.hash)
@@ -618,8 +629,10 @@ class LocalLink:
 class HttpLink:
     """A link over the signed coordinator API; pushes reuse the replication service."""
 
-    def __init__(self, settings: Settings, member: Any, client: Any, replication: Any) -> None:
+    def __init__(self, settings: Settings, member: Any, client: Any, replication: Any, *,
+                 metadata_only: bool = False) -> None:
         self.settings = settings
+        self.metadata_only = metadata_only  # push records without their chunks (rebalance catch-up)
         self.member = member
         self.peer_id = member.peer_id
         self.client = client
@@ -649,7 +662,23 @@ class HttpLink:
         return answer
 
     def push(self, kind: str, bucket: str, key: str) -> None:
-        self.replication.replicate(self.peer_id, kind, bucket, key)
+        if not self.metadata_only:
+            self.replication.replicate(self.peer_id, kind, bucket, key)
+            return
+        # Metadata only (the replication receiver's own endpoints): the rebalance cycles fetch the
+        # chunks within their budget, and reads fall back to the current holders meanwhile.
+        meta = self.replication.store.meta
+        bucket_record = meta.get_bucket(bucket)
+        if kind == KIND_BUCKET or bucket_record is None:
+            if bucket_record is not None:
+                self.replication._post_json(self.member, "/bucket", {"bucket": bucket_record.to_dict()})
+            return
+        record = meta.get_object(bucket, key)
+        if record is None:
+            return
+        body = {"object": record.to_dict(), "bucket": bucket_record.to_dict()}
+        self.bytes_sent += len(json.dumps(body, separators=(",", ":")))
+        self.replication._post_json(self.member, "/object", body)
 
     def fetch_chunk(self, chunk_hash: str) -> bytes:
         response = self.replication._request(self.member, "GET", f"/chunks/{chunk_hash}")
@@ -658,8 +687,10 @@ class HttpLink:
         return data
 
 
-def open_service(settings: Settings, *, with_links: bool = True) -> tuple[SyncService, list[HttpLink]]:
-    """The sync service of this coordinator and a link to every other active coordinator."""
+def open_service(settings: Settings, *, with_links: bool = True,
+                 metadata_only: bool = False) -> tuple[SyncService, list[HttpLink]]:
+    """The sync service of this coordinator and a link to every other active coordinator
+    (``metadata_only``: records move without their chunks, both ways)."""
     from tunnelmesh import node
     from tunnelmesh.identity import load_or_create_identity
     from tunnelmesh.peer_client import PeerClient
@@ -675,20 +706,23 @@ def open_service(settings: Settings, *, with_links: bool = True) -> tuple[SyncSe
 
     service = SyncService(store, identity.peer_id, members, tombstone_grace=settings.storage.tombstone_grace,
                           factor=settings.replication.factor,
-                          chunk_fetcher=lambda h: fetcher.fetch(ChunkRef(h, 0)))
+                          chunk_fetcher=lambda h: fetcher.fetch(ChunkRef(h, 0)), fetch_chunks=not metadata_only)
     if not with_links:
         return service, []
     client = PeerClient(settings, identity)
-    links = [HttpLink(settings, m, client, replication)
+    links = [HttpLink(settings, m, client, replication, metadata_only=metadata_only)
              for m in node.coordinator_members(settings) if m.peer_id != identity.peer_id]
     return service, links
 
 
-def run_sync_once(settings: Settings, *, lock_timeout: float = 0.0) -> dict[str, Any]:
+def run_sync_once(settings: Settings, *, lock_timeout: float = 0.0, catch_up: bool = False,
+                  metadata_only: bool = False) -> dict[str, Any]:
     """One manifest-sync run of this coordinator (beat task, admin API, ``tunnelmesh sync --once``).
 
     Guarded by a Redis lock so runs never overlap; when another run holds it, returns
     ``{"skipped": "another sync is running"}`` (after waiting up to ``lock_timeout`` seconds).
+    ``catch_up`` and ``metadata_only``: the metadata catch-up a rebalance starts with
+    (``SyncService.run``, ``open_service``).
     """
     from tunnelmesh import redis_server
 
@@ -697,8 +731,8 @@ def run_sync_once(settings: Settings, *, lock_timeout: float = 0.0) -> dict[str,
     if not lock.acquire(blocking=lock_timeout > 0):
         return {"skipped": "another sync is running"}
     try:
-        service, links = open_service(settings)
-        report = service.run(links)
+        service, links = open_service(settings, metadata_only=metadata_only)
+        report = service.run(links, catch_up=catch_up)
         log.info("manifest sync: %s", json.dumps(_summary(report)))
         try:
             conn.set(LAST_REPORT_KEY, json.dumps(report), ex=7 * 86400)

@@ -264,7 +264,11 @@ def test_a_peer_slowed_to_a_crawl_does_not_slow_replication_to_the_others(mesh: 
     baseline = _lags_to(a, c, bucket, 12, "fast")
     mesh.proxy_of(b).slow(bytes_per_second=2000, delay=0.3)  # a crawl: ~2 KB/s, 0.3 s per segment
     try:
-        slowed = _lags_to(a, c, bucket, 12, "crawl")
+        try:
+            slowed = _lags_to(a, c, bucket, 12, "crawl")
+        except AssertionError:
+            open("/tmp/slowdebug.log", "w").write(a.output())
+            raise
         behind_on_b = [k for k in (f"crawl-{i:03d}" for i in range(12)) if record_of(b, bucket, k) is None]
     finally:
         mesh.proxy_of(b).heal()

@@ -184,7 +184,7 @@ def test_run_prints_the_command_of_each_role(role: str, config: Path, capsys: py
     code, out, _ = run(["run", role, "--print", "--config", str(config)], capsys)
     assert code == 0
     expected = {"web": "web.coordination:create_app()", "s3": "web.s3:create_app()",
-                "worker": "--queues replication,manifest,rebalance,default", "beat": "celerybeat-schedule",
+                "worker": "--queues membership,replication,manifest,rebalance,default", "beat": "celerybeat-schedule",
                 "flower": "flower", "redis": "redis.conf"}[role]
     assert expected in out
 
