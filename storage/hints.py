@@ -23,14 +23,12 @@ Stdlib only, like the rest of ``storage/``.
 
 from __future__ import annotations
 
-import os
-import sqlite3
-import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from storage.sqlite import SQLiteDatabase
 
 __all__ = ["KIND_OBJECT", "KIND_BUCKET", "STATE_QUEUED", "STATE_HINT", "PendingItem", "ReplicationLedger",
            "ledger_path"]
@@ -81,43 +79,12 @@ class PendingItem:
     last_error: str = ""
 
 
-class ReplicationLedger:
+class ReplicationLedger(SQLiteDatabase):
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
+        super().__init__(path)
         with self._tx() as conn:
             for statement in _SCHEMA:
                 conn.execute(statement)
-
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            return conn
-        # Never reuse a connection inherited through fork (SQLite forbids it).
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA busy_timeout = 30000")
-        self._local.conn, self._local.pid = conn, os.getpid()
-        return conn
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-
-    def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            conn.close()
-        self._local.conn = None
 
     # -- pending work --------------------------------------------------------------------------
     def add(self, items: Iterable[tuple[str, str, str, str]]) -> list[tuple[str, str, str, str]]:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -41,6 +40,7 @@ from pathlib import Path
 
 from storage import meship
 from storage.membership import MembershipView
+from storage.sqlite import SQLiteDatabase
 
 RESERVED_NAMES = frozenset(
     {
@@ -182,13 +182,13 @@ def _row_to_record(row: sqlite3.Row) -> PeerRecord:
     )
 
 
-class PeerRegistry:
+class PeerRegistry(SQLiteDatabase):
     """Thread- and process-safe access to ``registry.db`` (one connection per thread)."""
 
+    row_factory = True
+
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
+        super().__init__(path)
         conn = self._conn()
         conn.executescript(_SCHEMA)
         columns = {r["name"] for r in conn.execute("PRAGMA table_info(peers)")}
@@ -197,24 +197,6 @@ class PeerRegistry:
                 conn.execute("ALTER TABLE peers ADD COLUMN updated_us INTEGER NOT NULL DEFAULT 0")
             except sqlite3.OperationalError:  # another process migrated it first
                 pass
-
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE below).
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=True)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=30000")
-            self._local.conn = conn
-        return conn
-
-    def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -253,9 +235,7 @@ class PeerRegistry:
         if name.lower() in RESERVED_NAMES:
             raise ReservedName(f"the name {name!r} is reserved")
         now = _now_us() if now_us is None else now_us
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._tx() as conn:
             existing = conn.execute("SELECT * FROM peers WHERE peer_id = ?", (peer_id,)).fetchone()
             final_name = self._free_name(conn, name, peer_id)
             if existing is not None:
@@ -285,10 +265,6 @@ class PeerRegistry:
                 updated_us=max(now, existing["updated_us"] + 1) if existing is not None else now,
             )
             self._write(conn, record)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         return record
 
     @staticmethod
@@ -330,18 +306,12 @@ class PeerRegistry:
         Rows of other peers holding the same name or mesh IP are dropped first: the other
         coordinator's view of those wins here (issue 4 replaces this with a proper merge).
         """
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._tx() as conn:
             conn.execute(
                 "DELETE FROM peers WHERE peer_id != ? AND (name = ? OR mesh_ip = ?)",
                 (record.peer_id, record.name, record.mesh_ip),
             )
             self._write(conn, record)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def touch(self, peer_id: str, now_us: int | None = None) -> None:
         """Record that ``peer_id`` was heard from now."""
@@ -377,9 +347,7 @@ class PeerRegistry:
         resolution beats the clashing original wherever it travels.
         """
         now = _now_us() if now_us is None else now_us
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._tx() as conn:
             local = {r["peer_id"]: _row_to_record(r) for r in conn.execute("SELECT * FROM peers")}
             merged = dict(local)
             for record in incoming:
@@ -394,10 +362,6 @@ class PeerRegistry:
                 conn.execute("DELETE FROM peers")
                 for record in merged.values():
                     self._write(conn, record)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         return changed
 
     # -- coordinator membership view and heartbeats -------------------------------------------
@@ -408,9 +372,7 @@ class PeerRegistry:
 
     def update_view(self, change: Callable[[MembershipView], MembershipView]) -> tuple[MembershipView, bool]:
         """Apply ``change`` to the stored view atomically; returns (new view, whether it changed)."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._tx() as conn:
             row = conn.execute("SELECT value FROM state WHERE key = ?", (VIEW_KEY,)).fetchone()
             current = MembershipView.from_dict(json.loads(row["value"])) if row else MembershipView()
             new = change(current)
@@ -418,10 +380,6 @@ class PeerRegistry:
             if changed:
                 conn.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
                              (VIEW_KEY, json.dumps(new.to_dict(), separators=(",", ":"))))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         return new, changed
 
     def merge_view(self, other: MembershipView) -> tuple[MembershipView, bool]:

@@ -219,11 +219,13 @@ def replication_slot(run_dir: Path, slots: int, wait: float) -> Iterator[None]:
 def per_peer_slots(settings: Settings) -> int:
     """Pushes to ONE peer that may run at once on this coordinator.
 
-    One less than the pushes the worker can run at all, so a peer that crawls (every push to it
-    lasting up to ``peer_timeout`` per request) never holds every worker process: pushes to the
-    other peers always find one. (With ``worker.concurrency`` 1 there is nothing to keep free.)
+    Half of the pushes the worker can run at all, so a peer that crawls (every push to it lasting
+    up to ``peer_timeout`` per request) never holds every worker process: the other peers' pushes,
+    the outbox drain and the other periodic jobs sharing the pool (heartbeat rounds, which also
+    wait on a slow peer) still find one. Needs ``worker.concurrency`` >= 3 to leave a process for
+    the others next to a slow heartbeat round; with 1 there is nothing to keep free.
     """
-    return max(1, min(settings.replication.concurrency, settings.worker.concurrency) - 1)
+    return max(1, min(settings.replication.concurrency, settings.worker.concurrency) // 2)
 
 
 @contextlib.contextmanager

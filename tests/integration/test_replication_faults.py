@@ -32,7 +32,9 @@ SETTINGS = {
     "replication": {"factor": 2, "max_attempts": ATTEMPTS, "retry_backoff": "0.5s", "retry_backoff_max": "4s",
                     "peer_timeout": "3s", "drain_interval": "1s", "hint_interval": "1s"},
     "sync": {"interval": "1h"},  # convergence must not come from the manifest sync (another issue)
-    "worker": {"concurrency": 2},
+    # 3 pool processes: a slow peer may hold 1 (tunnelmesh.replication.per_peer_slots), a heartbeat
+    # round waiting on that slow peer another, and one stays free for the other peers.
+    "worker": {"concurrency": 3},
 }
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(400)]
