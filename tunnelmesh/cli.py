@@ -27,6 +27,7 @@ from typing import Any
 
 import click
 
+from storage.errors import InsufficientStorage, StorageError
 from tunnelmesh import node
 from tunnelmesh.config import CONFIG_ENV, ConfigError, Settings, load_config
 from tunnelmesh.identity import (
@@ -504,6 +505,10 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         _fail(str(exc), 2)
     except CliError as exc:
+        _fail(str(exc), 1)
+    except InsufficientStorage as exc:
+        _fail(f"the data directory is full: {exc}", 1)
+    except StorageError as exc:
         _fail(str(exc), 1)
     except KeyboardInterrupt:
         _fail("interrupted", 130)

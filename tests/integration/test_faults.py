@@ -623,11 +623,6 @@ def test_real_enospc_fails_the_write_cleanly_and_keeps_the_store_readable(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "restart on a full disk: storage/registry.py register() runs ROLLBACK after a COMMIT that "
-    "failed with SQLITE_FULL (SQLite already rolled back), so `tunnelmesh join` dies with "
-    "'unexpected OperationalError: cannot rollback - no transaction is active' instead of "
-    "saying the data directory is full"))
 def test_restart_on_a_full_disk_says_so_clearly(make_tmpfs_coordinator: Callable[..., Coordinator]) -> None:
     """Disk filled to the last byte, coordinator restarted. Shows (when fixed): either it starts
     and serves the stored objects, or `tunnelmesh join` exits with one clear line saying the disk
