@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import sys
 import time
 import traceback
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import psutil
 
 from storage.errors import InsufficientStorage, StorageError
 from tunnelmesh import node
@@ -280,10 +283,51 @@ def _run_peer_agent(settings: Settings, address: str, token: str | None, wait: f
         lock.release()
 
 
-# HOOK (issue 6): move this coordinator's data to the others before it leaves the membership.
-# Called by `tunnelmesh leave` before the removal is broadcast; a no-op until draining exists.
-def drain_before_leave(settings: Settings) -> None:
-    return None
+def drain_before_leave(settings: Settings) -> dict[str, Any]:
+    """Hand this coordinator's chunks to their holders without it (issue 6), showing progress;
+    returns the drain report once every new holder has confirmed every chunk."""
+    from tunnelmesh.rebalance import drain
+
+    tty = sys.stdout.isatty()
+
+    def show(progress: dict[str, Any]) -> None:
+        moved, remaining = progress.get("moved_bytes", 0), progress.get("remaining_bytes", 0)
+        line = (f"draining: {moved / 1e6:.1f} MB moved, {remaining / 1e6:.1f} MB "
+                f"({progress.get('remaining_chunks', 0)} chunks) remaining")
+        if tty:
+            sys.stdout.write("\r" + line.ljust(shutil.get_terminal_size().columns - 1))
+            sys.stdout.flush()
+        else:
+            _out(line)
+
+    report = drain(settings, show)
+    if tty:
+        sys.stdout.write("\n")
+    return report
+
+
+def stop_running_coordinator(settings: Settings, timeout: float = 60.0) -> bool:
+    """SIGTERM this data directory's running supervisor (if any) and wait; True if one stopped."""
+    from tunnelmesh.supervisor import read_state
+
+    state = read_state(settings) or {}
+    pid = state.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            # A zombie has stopped too: its parent (a shell, a test) reaps it later.
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.2)
+    raise CliError(f"the coordinator (pid {pid}) did not stop within {timeout:.0f}s")
 
 
 def _status_lines(status: dict[str, Any]) -> list[str]:
@@ -349,15 +393,72 @@ def _announce(sup: Any, settings: Settings, prepared: PreparedNode, elapsed: flo
 @cli.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
-def status(config: str, as_json: bool) -> int:
-    """Show the coordinator list with health, the membership version and the coordinator in use."""
+@click.option("--watch", is_flag=True, help="Redraw rebalance progress every second until Ctrl-C.")
+def status(config: str, as_json: bool, watch: bool) -> int:
+    """Show the coordinator list with health, the membership version, the coordinator in use, and
+    (on a coordinator) rebalance progress: bytes moved and remaining per coordinator."""
     settings = _load(config)
     info = node_status(settings)
+    if info["role"] == "coordinator":
+        from tunnelmesh.rebalance import format_progress, rebalance_progress
+
+        def progress() -> dict[str, Any]:
+            try:
+                return rebalance_progress(settings)
+            except Exception as exc:  # noqa: BLE001 - status must work while the stack is down
+                return {settings.name: {"state": f"unknown ({type(exc).__name__})"}}
+
+        if watch and not as_json:
+            try:
+                while True:
+                    width = shutil.get_terminal_size().columns
+                    click.clear()
+                    _out("\n".join(_status_lines(info)))
+                    _out("\nrebalance:")
+                    _out(format_progress(progress(), width))
+                    time.sleep(1.0)
+                    info = node_status(settings)
+            except KeyboardInterrupt:
+                return 0
+        info["rebalance"] = progress()
     if as_json:
         _out(json.dumps(info))
     else:
         for line in _status_lines(info):
             _out(line)
+        if "rebalance" in info:
+            _out("rebalance:")
+            _out(format_progress(info["rebalance"], shutil.get_terminal_size().columns))
+    return 0
+
+
+@cli.command()
+@config_option
+@click.option("--once", is_flag=True, help="Run one manifest-sync round now and report what it did.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def sync(config: str, once: bool, as_json: bool) -> int:
+    """The safety-net manifest sync. It runs by itself every sync.interval (5 minutes by default);
+    --once runs one round now against every other coordinator."""
+    from tunnelmesh.sync import run_sync_once
+
+    settings = _load(config)
+    if not settings.coordinator.enabled:
+        raise CliError("only a coordinator runs the manifest sync (coordinator.enabled is false)")
+    if not once:
+        raise CliError(f"the sync runs by itself every {settings.sync.interval:g}s in the coordinator's "
+                       "beat; use --once to run one round now")
+    report = run_sync_once(settings, lock_timeout=30.0)
+    if as_json:
+        _out(json.dumps(report))
+    elif "skipped" in report:
+        _out(f"skipped: {report['skipped']}")
+    else:
+        for r in report.get("rounds", []):
+            _out(f"{r['peer']} ({r['mode']}): {r['outcome']}; ranges differing {r['ranges_differing']}/"
+                 f"{r['ranges_compared']}, deleted on peer {r['deleted_on_peer']}, sent {r['sent_to_peer']}, "
+                 f"pulled {r['pulled']}, {r['bytes_sent'] + r['bytes_received']} bytes exchanged"
+                 + (f", error: {r['error']}" if r.get("error") else ""))
+        _out(f"tombstones purged: {report.get('purged', 0)}; took {report.get('seconds', 0):.2f}s")
     return 0
 
 
@@ -380,14 +481,22 @@ def leave(config: str) -> int:
     if not registry.load_view().is_active(identity.peer_id):
         _out(f"{settings.name} is not an active member of the mesh; nothing to do")
         return 0
-    drain_before_leave(settings)
     others = [m for m in registry.load_view().active_members() if m.peer_id != identity.peer_id]
+    if others:
+        try:
+            report = drain_before_leave(settings)
+        except TimeoutError as exc:
+            raise CliError(f"draining did not finish ({exc}); this coordinator is still a member") from None
+        _out(f"drained: {report.get('moved_bytes', 0) / 1e6:.1f} MB moved; "
+             "every chunk confirmed by its new holders")
     accepted = cluster.broadcast_removal(settings, identity, identity.peer_id)
     if others and not accepted:
         raise CliError("no other coordinator accepted the removal (none reachable?); nothing was changed")
     view, _ = node.remove_coordinator(registry, identity.peer_id, identity.peer_id)
     _out(f"{settings.name} left the mesh (membership version {view.version}; accepted by "
          f"{', '.join(accepted) or 'nobody: it was the only coordinator'})")
+    if stop_running_coordinator(settings):
+        _out(f"{settings.name} stopped")
     return 0
 
 

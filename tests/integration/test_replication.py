@@ -58,13 +58,7 @@ def _member_ids(c: Coordinator) -> list[str]:
 
 def client(writer: Coordinator, endpoint: Coordinator) -> Any:
     """boto3 with ``writer``'s credentials against ``endpoint``'s S3 API (one mesh: same token)."""
-    import boto3
-    from botocore.config import Config
-
-    creds = writer.credentials()
-    return boto3.client("s3", endpoint_url=endpoint.s3_url, region_name="us-east-1",
-                        aws_access_key_id=creds.access_key, aws_secret_access_key=creds.secret_key,
-                        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+    return writer.s3_client(endpoint)
 
 
 def read(s3: Any, bucket: str, key: str) -> bytes | None:

@@ -168,14 +168,15 @@ class Coordinator:
         assert token, f"{self.name} has no mesh token yet"
         return s3_credentials(token, self.peer_id)
 
-    def s3_client(self, **config: Any) -> Any:
-        """boto3 S3 client for this coordinator's S3 API with its own credentials (path style)."""
+    def s3_client(self, endpoint: Coordinator | None = None, **config: Any) -> Any:
+        """boto3 S3 client with this node's credentials (path style), against this coordinator's
+        S3 API or ``endpoint``'s (one mesh: every coordinator verifies every node's signature)."""
         import boto3
         from botocore.config import Config
 
         creds = self.credentials()
         return boto3.client(
-            "s3", endpoint_url=self.s3_url, region_name="us-east-1", aws_access_key_id=creds.access_key,
+            "s3", endpoint_url=(endpoint or self).s3_url, region_name="us-east-1", aws_access_key_id=creds.access_key,
             aws_secret_access_key=creds.secret_key,
             config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}, **config))
 
