@@ -4,9 +4,9 @@
   buckets; a bucket belongs to the peer that created it.
 - Only the owner of a bucket may use it (objects, listings, uploads, deletion); every other
   non-admin peer gets AccessDenied (a bucket that does not exist is NoSuchBucket, as in S3).
-- Admins may use every bucket and list all buckets: the peers named in
-  ``coordinator.admin_peers`` (exact peer IDs; name globs need the peer registry) and this node
-  itself, which administers its own coordinator.
+- Admins may use every bucket and list all buckets: the peers matching ``coordinator.admin_peers``
+  (an exact peer ID, or a glob over the name the peer registry holds for it), peers the registry
+  marks ``is_admin``, and this node itself, which administers its own coordinator.
 """
 
 from __future__ import annotations
@@ -34,8 +34,11 @@ class Principal:
     is_admin: bool
 
 
-def principal_for(peer_id: str, *, node_peer_id: str, admin_peers: Iterable[str]) -> Principal:
-    is_admin = peer_id == node_peer_id or peer_id in set(admin_peers)
+def principal_for(peer_id: str, *, node_peer_id: str, admin_peers: Iterable[str],
+                  registered_admin: bool = False) -> Principal:
+    """``registered_admin``: the peer registry says so (admin_peers name globs, decided at
+    registration from the registered name)."""
+    is_admin = registered_admin or peer_id == node_peer_id or peer_id in set(admin_peers)
     return Principal(peer_id=peer_id, is_admin=is_admin)
 
 

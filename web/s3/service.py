@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
     from storage.metadata import ObjectRecord
     from storage.objects import ObjectStore
     from tunnelmesh.replication import OutboxNudger, ReplicationService
+
+
+ADMIN_CACHE_SECONDS = 5.0
 
 
 @functools.lru_cache(maxsize=4096)
@@ -37,6 +41,7 @@ class S3Service:
         self._store: ObjectStore | None = None
         self._node_peer_id: str | None = None
         self._mesh_token: str | None = None
+        self._admin_cache: dict[str, tuple[bool, float]] = {}
         self._nudger: OutboxNudger | None = None
         self._replication: ReplicationService | None = None
 
@@ -69,7 +74,24 @@ class S3Service:
 
     def principal(self, peer_id: str) -> Principal:
         return principal_for(peer_id, node_peer_id=self.node_peer_id,
-                             admin_peers=self.settings.coordinator.admin_peers)
+                             admin_peers=self.settings.coordinator.admin_peers,
+                             registered_admin=self._registered_admin(peer_id))
+
+    def _registered_admin(self, peer_id: str) -> bool:
+        """Admin per the replicated peer registry: its is_admin flag, or an admin_peers glob over
+        its registered name. Cached briefly: a request must not pay a database read each time."""
+        now = time.monotonic()
+        cached = self._admin_cache.get(peer_id)
+        if cached is not None and now - cached[1] < ADMIN_CACHE_SECONDS:
+            return cached[0]
+        from tunnelmesh import node
+
+        registry = node.shared_registry(self.settings)
+        record = registry.get(peer_id)
+        admin = record is not None and (
+            record.is_admin or node.matches_admin(self.settings.coordinator.admin_peers, peer_id, record.name))
+        self._admin_cache[peer_id] = (admin, now)
+        return admin
 
     # -- storage --------------------------------------------------------------------------------
 
