@@ -163,6 +163,11 @@ class ReplicationLedger(SQLiteDatabase):
                              "AND kind = ? AND bucket = ? AND key = ?",
                              (STATE_QUEUED, now, item.peer, item.kind, item.bucket, item.key))
 
+    def pending_counts(self) -> list[tuple[str, str, int]]:
+        """(peer, state, count) of pending items: what monitoring shows."""
+        rows = self._conn().execute("SELECT peer, state, COUNT(*) FROM pending GROUP BY peer, state ORDER BY 1, 2")
+        return [(peer, state, count) for peer, state, count in rows]
+
     def peers_with(self, state: str) -> list[str]:
         rows = self._conn().execute("SELECT DISTINCT peer FROM pending WHERE state = ? ORDER BY peer", (state,))
         return [row[0] for row in rows]

@@ -357,5 +357,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     from web.sync import bp as sync_bp  # issue 6: manifest sync and rebalance endpoints
 
     app.register_blueprint(sync_bp)
+    from web.metrics import bp as metrics_bp
+
+    app.register_blueprint(metrics_bp)
     _register_error_handlers(app)
     return app
