@@ -27,6 +27,13 @@ durably (answered "have" or acknowledged its verified upload; recorded in the le
 Once replication and cleanup have run, each chunk is therefore on exactly ``replication.factor``
 coordinators (fewer while the membership is smaller than the factor).
 
+Slow peers and the write quorum
+-------------------------------
+At most ``per_peer_slots`` pushes to one peer run at once; a push finding its peer's slots busy
+raises ``PeerBusy`` and the task defers itself, so a crawling peer never occupies every worker
+process. With ``replication.write_quorum`` >= 2 the S3 app calls ``push_for_quorum`` before it
+answers (docs/configuration.md, "Write quorum").
+
 Reads of chunks not held locally go through ``ChunkFetcher``: the placement holders (then every
 other coordinator), each copy verified by hash; a holder that is down or returns a corrupt copy is
 skipped for the next.

@@ -209,7 +209,7 @@ class FaultProxy:
                         break
                 sink.sendall(data)
                 self.bytes_forwarded += len(data)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: select() on a socket another thread just closed
             pass
         finally:
             _close(source)

@@ -12,7 +12,7 @@ import pytest
 from storage.chunks import ChunkRef
 from storage.objects import ObjectStore
 from storage.placement import members_fingerprint, place
-from tunnelmesh.rebalance import Rebalancer, referenced_chunk_sizes, take_cycle
+from tunnelmesh.rebalance import Rebalancer, drain_pass, format_progress, referenced_chunk_sizes, take_cycle
 
 CHUNK = 64 * 1024
 IDS = ["a" * 16, "b" * 16, "c" * 16]
@@ -115,3 +115,88 @@ def test_no_drop_when_holders_disagree_on_membership(two_nodes_with_data: Cluste
         pass
     # B has not seen C join yet: A must not drop copies on the strength of C's confirmation alone.
     assert cluster.rebalancer(IDS[0]).drop_extra_copies() == (0, 0)
+
+
+def test_drain_sends_only_what_the_remaining_holders_lack(tmp_path: Path) -> None:
+    """C leaves a three-node cluster: each holder is asked first, so no chunk is sent twice and the
+    bytes moved are exactly the (chunk, holder) pairs that lacked it."""
+    cluster = Cluster(tmp_path)
+    for peer in IDS:
+        cluster.views[peer] = IDS
+    rng = random.Random(11)
+    a, c = cluster.stores[IDS[0]], cluster.stores[IDS[2]]
+    for store in cluster.stores.values():
+        store.create_bucket("b", "o")
+    for i in range(30):
+        data = rng.randbytes(rng.randrange(1, 4 * CHUNK))
+        record = a.put_object("b", f"k{i}", io.BytesIO(data), content_length=len(data))
+        for peer in IDS[1:]:
+            cluster.stores[peer].apply_remote_object(record)
+        for ref in record.chunks:  # every chunk on exactly its holders among the three
+            chunk = a.chunks.read(ref.hash)
+            for peer in IDS:
+                if peer in place(ref.hash, IDS, 2):
+                    cluster.stores[peer].chunks.write(chunk)
+                else:
+                    cluster.stores[peer].chunks.delete(ref.hash)
+    remaining = IDS[:2]
+    sizes = referenced_chunk_sizes(c.meta)
+    expected = sum(size for h, size in sizes.items() if c.chunks.exists(h)
+                   for p in remaining if not cluster.stores[p].chunks.exists(h))
+    assert expected > 0
+    sent: list[tuple[str, str]] = []
+
+    def send(peer: str, ref: ChunkRef) -> None:
+        sent.append((peer, ref.hash))
+        cluster.stores[peer].chunks.write_verified(c.chunks.read(ref.hash), ref.hash)
+
+    drainer = cluster.rebalancer(IDS[2])
+    first = drain_pass(drainer, remaining, send)
+    assert first.sent_bytes == expected and first.already_held > 0 and first.failed == 0
+    assert len(sent) == len(set(sent))  # nothing sent twice
+    second = drain_pass(drainer, remaining, send)
+    assert second.pending_chunks == 0 and second.sent_chunks == 0  # all confirmed, nothing re-sent
+    for h in sizes:  # the full factor on the remaining nodes
+        assert all(cluster.stores[p].chunks.exists(h) for p in place(h, remaining, 2))
+    cluster.close()
+
+
+def test_drain_with_an_unreachable_holder_keeps_the_chunk_pending(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    for peer in IDS:
+        cluster.views[peer] = IDS
+    c = cluster.stores[IDS[2]]
+    c.create_bucket("b", "o")
+    c.put_object("b", "k", io.BytesIO(b"z" * 1000), content_length=1000)
+
+    def send(peer: str, ref: ChunkRef) -> None:
+        raise ConnectionError("down")
+
+    result = drain_pass(cluster.rebalancer(IDS[2]), IDS[:2], send)
+    assert result.pending_chunks == 1 and result.failed == 2 and result.sent_bytes == 0
+    with pytest.raises(RuntimeError):
+        drain_pass(cluster.rebalancer(IDS[2]), [], send)
+    cluster.close()
+
+
+def test_format_progress_shows_bytes_and_a_bar_per_coordinator() -> None:
+    progress = {
+        "coordinator-a": {"state": "done", "moved_bytes": 0, "remaining_bytes": 0},
+        "coordinator-c": {"state": "running", "moved_bytes": 30_000_000, "remaining_bytes": 10_000_000},
+        "coordinator-b": {"state": "unreachable", "error": "connection refused"},
+        "coordinator-d": {"state": "running", "moved_bytes": 0, "remaining_bytes": -1},
+    }
+    text = format_progress(progress, 80)
+    lines = text.splitlines()
+    assert [line.split()[0] for line in lines[:4]] == ["coordinator-a", "coordinator-b", "coordinator-c",
+                                                        "coordinator-d"]
+    assert all(len(line) <= 80 for line in lines)
+    c_line = lines[2]
+    assert "75%" in c_line and "30.0 MB" in c_line and "10.0 MB" in c_line
+    bar = c_line[c_line.index("[") + 1:c_line.index("]")]
+    assert set(bar) == {"#", "-"} and abs(bar.count("#") / len(bar) - 0.75) < 0.05
+    assert "100%" in lines[0] and "connection refused" in lines[1]
+    assert "[" not in lines[3] and "?" in lines[3]  # remaining not computed yet: no bar
+    assert lines[-1] == "total: moved 30.0 MB, remaining 10.0 MB"
+    assert len(format_progress(progress, 120).splitlines()[2]) > len(c_line)  # the bar uses the width
+    assert format_progress({}, 80) == "no coordinators"
