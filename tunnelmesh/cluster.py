@@ -141,6 +141,32 @@ def heartbeat_round(settings: Settings, identity: NodeIdentity | None = None) ->
     return {m.peer_id: outcome for m, outcome in zip(others, outcomes, strict=True)}
 
 
+ROUND_LOCK = "tm:membership:round-lock"
+
+
+def heartbeat_round_once(settings: Settings) -> dict[str, Any]:
+    """A heartbeat round unless one is already running on this coordinator.
+
+    Beat starts a round every interval, but a round against a slow peer can last up to its read
+    timeout (two intervals): without this guard rounds pile up and starve the worker's other
+    queues (replication among them).
+    """
+    from tunnelmesh import redis_server
+
+    interval = settings.coordinator.heartbeat_interval
+    lock = redis_server.client(settings, timeout=5.0).lock(
+        ROUND_LOCK, timeout=max(5.0, 4 * interval), blocking=False)
+    if not lock.acquire():
+        return {"skipped": "a heartbeat round is already running"}
+    try:
+        return heartbeat_round(settings)
+    finally:
+        try:
+            lock.release()
+        except Exception:  # noqa: BLE001 - expired meanwhile: nothing to release
+            pass
+
+
 def remove_member(settings: Settings, registry: PeerRegistry, target: str, writer: str) -> tuple[MembershipView, bool]:
     """Tombstone ``target`` in this node's view (the next round spreads it)."""
     view, changed = node.remove_coordinator(registry, target, writer)
