@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -407,11 +408,31 @@ class ReplicationService:
             self.ledger.done(peer, kind, bucket, key, gen)
         return result
 
+    # -- metadata records (also used by the manifest sync's metadata-only pushes) ----------------
+    def send_bucket_record(self, member: MemberLike, record: BucketRecord) -> int:
+        """Send one bucket record (the receiver applies it by version); returns the body size."""
+        body = {"bucket": record.to_dict()}
+        self._post_json(member, "/bucket", body)
+        return len(json.dumps(body, separators=(",", ":")))
+
+    def send_object_record(self, member: MemberLike, record: ObjectRecord, bucket: BucketRecord | None) -> int:
+        """Send one object record or tombstone, with its bucket's record; returns the body size."""
+        body: dict[str, Any] = {"object": record.to_dict()}
+        if bucket is not None:
+            body["bucket"] = bucket.to_dict()
+        self._post_json(member, "/object", body)
+        return len(json.dumps(body, separators=(",", ":")))
+
+    def get_chunk(self, member: MemberLike, chunk_hash: str) -> bytes:
+        """A chunk's bytes as ``member`` holds them (not verified here: callers check the hash)."""
+        data: bytes = self._request(member, "GET", f"/chunks/{chunk_hash}").content
+        return data
+
     def _push_bucket(self, member: MemberLike, bucket: str) -> PushResult:
         record = self.store.meta.get_bucket(bucket)
         if record is None:
             return PushResult("gone")
-        self._post_json(member, "/bucket", {"bucket": record.to_dict()})
+        self.send_bucket_record(member, record)
         return PushResult("sent")
 
     def _push_object(self, member: MemberLike, bucket: str, key: str, member_ids: list[str]) -> PushResult:
@@ -432,11 +453,7 @@ class ReplicationService:
                 confirmed.append(ref.hash)
                 sent += 1
             self.ledger.confirm_chunks(member.peer_id, confirmed)
-        bucket_record: BucketRecord | None = self.store.meta.get_bucket(bucket)
-        payload: dict[str, Any] = {"object": record.to_dict()}
-        if bucket_record is not None:
-            payload["bucket"] = bucket_record.to_dict()
-        self._post_json(member, "/object", payload)
+        self.send_object_record(member, record, self.store.meta.get_bucket(bucket))
         dropped = 0 if record.deleted else self.drop_extra_copies(record.chunks, member_ids)
         return PushResult("sent", sent, present, dropped)
 
@@ -609,11 +626,10 @@ class ChunkFetcher:
         errors = []
         for peer in order:
             try:
-                response = self.service._request(members[peer], "GET", f"/chunks/{ref.hash}")
+                data = self.service.get_chunk(members[peer], ref.hash)
             except (PeerUnavailable, PeerRejected) as exc:
                 errors.append(str(exc))
                 continue
-            data = response.content
             if hashlib.sha256(data).hexdigest() != ref.hash:
                 log.warning("coordinator %s returned a corrupt copy of chunk %s; trying another", peer, ref.hash)
                 errors.append(f"{peer}: corrupt copy")

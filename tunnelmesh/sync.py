@@ -671,19 +671,16 @@ class HttpLink:
         bucket_record = meta.get_bucket(bucket)
         if kind == KIND_BUCKET or bucket_record is None:
             if bucket_record is not None:
-                self.replication._post_json(self.member, "/bucket", {"bucket": bucket_record.to_dict()})
+                self.replication.send_bucket_record(self.member, bucket_record)
             return
         record = meta.get_object(bucket, key)
         if record is None:
             return
-        body = {"object": record.to_dict(), "bucket": bucket_record.to_dict()}
-        self.bytes_sent += len(json.dumps(body, separators=(",", ":")))
-        self.replication._post_json(self.member, "/object", body)
+        self.bytes_sent += self.replication.send_object_record(self.member, record, bucket_record)
 
     def fetch_chunk(self, chunk_hash: str) -> bytes:
-        response = self.replication._request(self.member, "GET", f"/chunks/{chunk_hash}")
-        self.bytes_received += len(response.content)
-        data: bytes = response.content
+        data = self.replication.get_chunk(self.member, chunk_hash)
+        self.bytes_received += len(data)
         return data
 
 
