@@ -102,11 +102,20 @@ def _token_path(settings: Settings) -> Path:
     return settings.data_dir / IDENTITY_DIR / TOKEN_FILE
 
 
+MIN_FREE_TO_START = 1024 * 1024
+
+
 def prepare_node(settings: Settings, address: str | None, token: str | None, wait: float) -> PreparedNode:
     """Identity and mesh token in the data directory; registration with ``address`` if given.
 
     Raises CliError when the token is missing or refused, or the coordinator cannot be reached.
     """
+    free = shutil.disk_usage(settings.data_dir).free
+    if free < MIN_FREE_TO_START:
+        # SQLite, Redis and the logs need a little room; without it they fail with errors that
+        # say "disk I/O error" rather than what is wrong.
+        raise CliError(f"the data directory {settings.data_dir} is full ({free} bytes free; at least "
+                       f"{MIN_FREE_TO_START // 1024 // 1024} MiB are needed to start): free some space")
     identity = load_or_create_identity(settings.data_dir)
     stored = read_token(settings.data_dir)
     if token and stored and token != stored:
