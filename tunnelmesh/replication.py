@@ -206,22 +206,32 @@ def replication_slot(run_dir: Path, slots: int, wait: float) -> Iterator[None]:
     lock_dir.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait
     while True:
-        for index in range(slots):
-            handle = open(lock_dir / f"slot-{index}", "a+")  # noqa: SIM115 - held across the yield
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.close()
-                continue
-            try:
+        with _first_free_lock([lock_dir / f"slot-{index}" for index in range(slots)]) as held:
+            if held:
                 yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-                handle.close()
-            return
+                return
         if time.monotonic() > deadline:
             raise PeerUnavailable(f"all {slots} replication slots stayed busy for {wait:g}s")
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _first_free_lock(paths: list[Path]) -> Iterator[bool]:
+    """Hold the first of ``paths`` whose flock is free (yields True), or none (yields False)."""
+    for path in paths:
+        handle = open(path, "a+")  # noqa: SIM115 - held across the yield
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+        return
+    yield False
 
 
 def per_peer_slots(settings: Settings) -> int:
@@ -242,19 +252,10 @@ def peer_slot(run_dir: Path, peer: str, slots: int) -> Iterator[None]:
     lock_dir = run_dir / "replication-peer-slots"
     lock_dir.mkdir(parents=True, exist_ok=True)
     safe_peer = "".join(ch for ch in peer if ch.isalnum())[:64] or "peer"
-    for index in range(slots):
-        handle = open(lock_dir / f"{safe_peer}-{index}", "a+")  # noqa: SIM115 - held across the yield
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
-            continue
-        try:
+    with _first_free_lock([lock_dir / f"{safe_peer}-{index}" for index in range(slots)]) as held:
+        if held:
             yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
-        return
+            return
     raise PeerBusy(f"all {slots} push slot(s) of peer {peer} are busy")
 
 

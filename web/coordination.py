@@ -92,7 +92,8 @@ def _ctx() -> Coordination:
     return current_app.extensions["tunnelmesh"]
 
 
-def _error(status: int, code: str, message: str) -> Any:
+def json_error(status: int, code: str, message: str) -> Any:
+    """The JSON error every coordinator endpoint answers: {"error": code, "message": text}."""
     response = jsonify({"error": code, "message": message})
     response.status_code = status
     return response
@@ -320,7 +321,7 @@ def peer_heartbeat() -> Any:
 def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Any:
-        return _error(exc.status, exc.code, exc.message)
+        return json_error(exc.status, exc.code, exc.message)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:
@@ -328,7 +329,7 @@ def _register_error_handlers(app: Flask) -> None:
         message = exc.description or exc.name or "error"
         if exc.code == 413:
             message = f"the body exceeds coordinator.max_request_body ({current_app.config['MAX_CONTENT_LENGTH']} bytes)"
-        response = _error(exc.code or 500, code, message)
+        response = json_error(exc.code or 500, code, message)
         if exc.code == 405 and exc.valid_methods:
             response.headers["Allow"] = ", ".join(exc.valid_methods)
         return response
@@ -336,7 +337,7 @@ def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Any:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return _error(500, "internal_error", "internal error (see the coordinator's log)")
+        return json_error(500, "internal_error", "internal error (see the coordinator's log)")
 
 
 def create_app(settings: Settings | None = None) -> Flask:

@@ -27,6 +27,7 @@ from storage.errors import ChunkMissing, CorruptChunk, InsufficientStorage, Stor
 from storage.metadata import BucketRecord
 from tunnelmesh.config import Settings
 from tunnelmesh.replication import MAX_HAVE_QUERY, apply_object_payload
+from web.coordination import json_error
 
 bp = Blueprint("replication", __name__, url_prefix="/api/v1/replication")
 
@@ -34,12 +35,6 @@ MAX_CHUNK_BODY = 64 * 1024 * 1024 + 1024  # storage.chunk_size is at most 64 MiB
 MAX_JSON_BODY = 64 * 1024 * 1024  # an object record lists up to ~1.6M chunks (40 bytes each raw)
 _STORE_KEY = "tunnelmesh_replication_store"
 _lock = threading.Lock()
-
-
-def _error(status: int, code: str, message: str) -> Response:
-    response = jsonify({"error": code, "message": message})
-    response.status_code = status
-    return response
 
 
 def _settings() -> Settings:
@@ -97,9 +92,9 @@ def _hash_or_none(value: object) -> str | None:
 def chunks_have() -> Response:
     hashes = _json_object().get("hashes")
     if not isinstance(hashes, list) or len(hashes) > MAX_HAVE_QUERY:
-        return _error(400, "bad_request", f"hashes: must be a list of at most {MAX_HAVE_QUERY} chunk hashes")
+        return json_error(400, "bad_request", f"hashes: must be a list of at most {MAX_HAVE_QUERY} chunk hashes")
     if any(_hash_or_none(h) is None for h in hashes):
-        return _error(400, "bad_request", "hashes: every entry must be 64 lowercase hex characters")
+        return json_error(400, "bad_request", "hashes: every entry must be 64 lowercase hex characters")
     chunks = _store().chunks
     return jsonify({"have": [h for h in dict.fromkeys(hashes) if chunks.exists(h)]})
 
@@ -107,14 +102,14 @@ def chunks_have() -> Response:
 @bp.put("/chunks/<chunk_hash>")
 def put_chunk(chunk_hash: str) -> Response:
     if _hash_or_none(chunk_hash) is None:
-        return _error(400, "bad_request", "the chunk name must be its SHA-256 as 64 lowercase hex characters")
+        return json_error(400, "bad_request", "the chunk name must be its SHA-256 as 64 lowercase hex characters")
     data = request.get_data(cache=False)
     try:
         ref = _store().chunks.write_verified(data, chunk_hash)
     except CorruptChunk as exc:
-        return _error(422, "hash_mismatch", str(exc))
+        return json_error(422, "hash_mismatch", str(exc))
     except InsufficientStorage as exc:
-        return _error(507, "insufficient_storage", str(exc))
+        return json_error(507, "insufficient_storage", str(exc))
     response = jsonify({"hash": ref.hash, "size": ref.size})
     response.status_code = 201
     return response
@@ -123,11 +118,11 @@ def put_chunk(chunk_hash: str) -> Response:
 @bp.get("/chunks/<chunk_hash>")
 def get_chunk(chunk_hash: str) -> Response:
     if _hash_or_none(chunk_hash) is None:
-        return _error(400, "bad_request", "the chunk name must be its SHA-256 as 64 lowercase hex characters")
+        return json_error(400, "bad_request", "the chunk name must be its SHA-256 as 64 lowercase hex characters")
     try:
         data = _store().chunks.read(chunk_hash)
     except (ChunkMissing, CorruptChunk) as exc:
-        return _error(404, "no_such_chunk", str(exc))
+        return json_error(404, "no_such_chunk", str(exc))
     return Response(data, mimetype="application/octet-stream")
 
 
@@ -135,13 +130,13 @@ def get_chunk(chunk_hash: str) -> Response:
 def put_object_record() -> Response:
     body = _json_object()
     if not isinstance(body.get("object"), dict) or not isinstance(body.get("bucket", {}), dict | None):
-        return _error(400, "bad_request", "object: must be an object record")
+        return json_error(400, "bad_request", "object: must be an object record")
     try:
         changed = apply_object_payload(_store(), body)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        return _error(400, "bad_request", f"invalid object record: {exc.__class__.__name__}: {exc}")
+        return json_error(400, "bad_request", f"invalid object record: {exc.__class__.__name__}: {exc}")
     except StorageError as exc:
-        return _error(400 if exc.code != "InsufficientStorage" else 507, "rejected", str(exc))
+        return json_error(400 if exc.code != "InsufficientStorage" else 507, "rejected", str(exc))
     return jsonify({"changed": changed, "peer": getattr(g, "peer_id", None)})
 
 
@@ -149,11 +144,11 @@ def put_object_record() -> Response:
 def put_bucket_record() -> Response:
     raw = _json_object().get("bucket")
     if not isinstance(raw, dict):
-        return _error(400, "bad_request", "bucket: must be a bucket record")
+        return json_error(400, "bad_request", "bucket: must be a bucket record")
     try:
         changed = _store().apply_remote_bucket(BucketRecord.from_dict(raw))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        return _error(400, "bad_request", f"invalid bucket record: {exc.__class__.__name__}: {exc}")
+        return json_error(400, "bad_request", f"invalid bucket record: {exc.__class__.__name__}: {exc}")
     except StorageError as exc:
-        return _error(400, "rejected", str(exc))
+        return json_error(400, "rejected", str(exc))
     return jsonify({"changed": bool(changed)})

@@ -18,6 +18,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from storage.errors import StorageError
 from tunnelmesh.config import Settings
+from web.coordination import json_error
 
 bp = Blueprint("sync", __name__, url_prefix="/api/v1/sync")
 
@@ -25,12 +26,6 @@ MAX_BODY = 64 * 1024 * 1024  # a fresh node's catch-up asks for every name at on
 OPERATIONS = ("digest", "ranges", "summaries", "entries", "records", "purge", "confirm")
 _SERVICE_KEY = "tunnelmesh_sync_service"
 _lock = threading.Lock()
-
-
-def _error(status: int, code: str, message: str) -> Response:
-    response = jsonify({"error": code, "message": message})
-    response.status_code = status
-    return response
 
 
 def _settings() -> Settings:
@@ -57,13 +52,13 @@ def _admin_or_coordinator() -> Response | None:
     try:
         peer_id = authenticate(coordinators_only=False)
     except AuthFailure as exc:
-        return _error(exc.status, exc.code, exc.message)
+        return json_error(exc.status, exc.code, exc.message)
     registry = current_app.extensions["tunnelmesh"].registry
     member = registry.load_view().get(peer_id)
     record = registry.get(peer_id)
     if (member is not None and member.state == "active") or (record is not None and record.is_admin):
         return None
-    return _error(403, "forbidden", "only coordinators and admins of this mesh may call this endpoint")
+    return json_error(403, "forbidden", "only coordinators and admins of this mesh may call this endpoint")
 
 
 @bp.before_request
@@ -93,13 +88,13 @@ def progress() -> Response:
 @bp.post("/<op>")
 def operation(op: str) -> Response:
     if op not in OPERATIONS:
-        return _error(404, "not_found", f"unknown sync operation {op!r}")
+        return json_error(404, "not_found", f"unknown sync operation {op!r}")
     body = request.get_json(force=True, silent=True)
     if not isinstance(body, dict):
-        return _error(400, "bad_request", "the body must be a JSON object")
+        return json_error(400, "bad_request", "the body must be a JSON object")
     try:
         return jsonify(_service().handle(op, body))
     except (KeyError, TypeError, ValueError) as exc:
-        return _error(400, "bad_request", f"{op}: {exc.__class__.__name__}: {exc}")
+        return json_error(400, "bad_request", f"{op}: {exc.__class__.__name__}: {exc}")
     except StorageError as exc:
-        return _error(409, "rejected", f"{op}: {exc}")
+        return json_error(409, "rejected", f"{op}: {exc}")
