@@ -17,6 +17,7 @@ route of the blueprint). Every answer is JSON except a chunk's bytes.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -28,6 +29,8 @@ from storage.metadata import BucketRecord
 from tunnelmesh.config import Settings
 from tunnelmesh.replication import MAX_HAVE_QUERY, apply_object_payload
 from web.coordination import json_error
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("replication", __name__, url_prefix="/api/v1/replication")
 
@@ -119,11 +122,32 @@ def put_chunk(chunk_hash: str) -> Response:
 def get_chunk(chunk_hash: str) -> Response:
     if _hash_or_none(chunk_hash) is None:
         return json_error(400, "bad_request", "the chunk name must be its SHA-256 as 64 lowercase hex characters")
+    store = _store()
     try:
-        data = _store().chunks.read(chunk_hash)
-    except (ChunkMissing, CorruptChunk) as exc:
+        data = store.chunks.read(chunk_hash)
+    except ChunkMissing as exc:
         return json_error(404, "no_such_chunk", str(exc))
+    except CorruptChunk as exc:
+        # Our replica is bad (now quarantined): repair it from another holder, then serve it.
+        data = _repair_chunk(store, chunk_hash)
+        if data is None:
+            return json_error(404, "no_such_chunk", str(exc))
     return Response(data, mimetype="application/octet-stream")
+
+
+def _repair_chunk(store: Any, chunk_hash: str) -> bytes | None:
+    """A good copy of a chunk fetched from another coordinator and stored again, or None."""
+    from storage.chunks import ChunkRef
+    from tunnelmesh.replication import ChunkFetcher
+
+    try:
+        data = ChunkFetcher(_settings()).fetch(ChunkRef(chunk_hash, 0))
+        store.chunks.write_verified(data, chunk_hash)
+    except Exception:  # noqa: BLE001 - no good copy reachable now: the caller tries another holder
+        log.warning("could not repair corrupt chunk %s", chunk_hash, exc_info=True)
+        return None
+    log.info("repaired corrupt chunk %s from another coordinator", chunk_hash)
+    return data
 
 
 @bp.post("/object")

@@ -200,3 +200,31 @@ def test_failing_peer_gets_growing_retries_then_a_hint_that_replays(nodes: list[
     wait_for(lambda: read(s3b, "retry", key) == body, 60, "the hint to replay once B answers again")
     digest = hashlib.sha256(body).hexdigest()
     assert digest  # bytes identical (compared above)
+
+
+def test_corrupt_replica_on_a_holder_is_repaired_when_read_from_elsewhere(nodes: list[Coordinator]) -> None:
+    """A holder whose copy is corrupt quarantines it, fetches a good copy from the other holder,
+    stores it again and serves it: the reader gets the right bytes and the replica is repaired."""
+    a = nodes[0]
+    by_id = {c.peer_id: c for c in nodes}
+    s3 = ensure_bucket(a, "repair")
+    body = os.urandom(40 * CHUNK)
+    s3.put_object(Bucket="repair", Key="obj", Body=body)
+    ids = sorted(by_id)
+    # A chunk whose primary holder (asked first by the third coordinator) is not the writer.
+    for chunk_hash in object_chunks(a, "repair", "obj"):
+        first, second = place(chunk_hash, ids, 2)
+        reader = next(c for c in nodes if c.peer_id not in (first, second))
+        if first != a.peer_id:
+            break
+    holder = by_id[first]
+    path = chunk_path(holder, chunk_hash)
+    wait_for(lambda: path.exists() and read(client(a, reader), "repair", "obj") == body, 60,
+             "the object readable through the third coordinator", 0.3)
+    good = path.read_bytes()
+    path.write_bytes(bytes([good[0] ^ 0xFF]) + good[1:])
+
+    assert read(client(a, reader), "repair", "obj") == body
+    wait_for(lambda: path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == chunk_hash, 30,
+             "the holder's replica to be repaired", 0.3)
+    assert (holder.data_dir / "quarantine").exists()
