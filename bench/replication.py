@@ -180,17 +180,19 @@ def logical_bytes(node: Coordinator) -> int:
 
 
 def measure_disk(nodes: list[Coordinator], settle_timeout: float) -> dict[str, Any]:
-    logical = logical_bytes(nodes[0])
-    target = logical * FACTOR
-
-    def settled() -> bool:  # writer cleanup drops extra copies once every holder confirmed
-        return sum(chunk_bytes(n) for n in nodes) <= target * 1.001
+    def settled() -> bool:
+        # Recomputed each time: objects written through B and C reach A's metadata only when
+        # replicated, and the writers drop extra copies once every holder confirmed.
+        logicals = {logical_bytes(n) for n in nodes}
+        return len(logicals) == 1 and sum(chunk_bytes(n) for n in nodes) <= logicals.pop() * FACTOR * 1.001
 
     try:
         wait_for(settled, settle_timeout, "replication and writer cleanup to settle", 0.5)
         is_settled = True
     except AssertionError:
         is_settled = False
+    logical = logical_bytes(nodes[0])
+    target = logical * FACTOR
     per_node = {n.name: chunk_bytes(n) for n in nodes}
     total = sum(per_node.values())
     return {"per_coordinator_bytes": per_node, "total_bytes": total, "logical_bytes": logical, "factor": FACTOR,
