@@ -219,7 +219,7 @@ def main() -> None:
         with cluster(root, 3, settings=SETTINGS) as nodes:
             ids = sorted(n.peer_id for n in nodes)
             for node in nodes:
-                wait_for(lambda node=node: _member_ids(node) == ids, 60, f"{node.name} to know everyone", 0.3)
+                wait_for(lambda node=node: node.member_ids() == ids, 60, f"{node.name} to know everyone", 0.3)
             result["cluster_start_s"] = round(time.monotonic() - started, 2)
             bucket = "bench"
             s3_client(nodes[0], nodes[0]).create_bucket(Bucket=bucket)
@@ -240,15 +240,6 @@ def main() -> None:
         remove_tree(root)
     result["total_s"] = round(time.monotonic() - started, 1)
     print(json.dumps(result, indent=2))
-
-
-def _member_ids(node: Coordinator) -> list[str]:
-    from tunnelmesh import node as node_module
-
-    try:
-        return sorted(m.peer_id for m in node_module.coordinator_members(node.settings()))
-    except Exception:  # noqa: BLE001 - the registry may be mid-write
-        return []
 
 
 def _has_bucket(node: Coordinator, bucket: str) -> bool:

@@ -30,15 +30,6 @@ OBJECTS = {f"docs/{i:02d}.bin": os.urandom(1000 + i * 9000) for i in range(24)}
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(400)]
 
 
-def member_ids(c: Coordinator) -> list[str]:
-    from tunnelmesh import node
-
-    try:
-        return sorted(m.peer_id for m in node.coordinator_members(c.settings()))
-    except Exception:  # noqa: BLE001 - the registry may be mid-write
-        return []
-
-
 def reads_back(c: Coordinator, s3: Any) -> bool:
     try:
         return all(s3.get_object(Bucket="ops", Key=k)["Body"].read() == v for k, v in OBJECTS.items())
@@ -53,7 +44,7 @@ def nodes() -> Iterator[list[Coordinator]]:
         with cluster(root, 3, settings=SETTINGS) as coordinators:
             ids = sorted(c.peer_id for c in coordinators)
             for c in coordinators:
-                wait_for(lambda c=c: member_ids(c) == ids, 60, f"{c.name} to know every coordinator", 0.3)
+                wait_for(lambda c=c: c.member_ids() == ids, 60, f"{c.name} to know every coordinator", 0.3)
             a = coordinators[0]
             s3 = a.s3_client()
             s3.create_bucket(Bucket="ops")
@@ -99,7 +90,7 @@ def test_leave_drains_removes_and_stops_the_coordinator(nodes: list[Coordinator]
     c.assert_no_leftovers()
     remaining = sorted([a.peer_id, b.peer_id])
     for n in (a, b):
-        wait_for(lambda n=n: member_ids(n) == remaining, 30, f"{n.name} to drop C", 0.3)
+        wait_for(lambda n=n: n.member_ids() == remaining, 30, f"{n.name} to drop C", 0.3)
     # Every object readable from both remaining coordinators, and every chunk on both of them
     # (factor 2 over two members): nothing lived only on C.
     for n in (a, b):

@@ -41,19 +41,10 @@ def nodes() -> Iterator[list[Coordinator]]:
         with cluster(root, 3, settings=SETTINGS) as coordinators:
             ids = sorted(c.peer_id for c in coordinators)
             for c in coordinators:  # everyone knows everyone (membership spreads by heartbeats)
-                wait_for(lambda c=c: _member_ids(c) == ids, 60, f"{c.name} to know all coordinators", 0.3)
+                wait_for(lambda c=c: c.member_ids() == ids, 60, f"{c.name} to know all coordinators", 0.3)
             yield coordinators
     finally:
         remove_tree(root)
-
-
-def _member_ids(c: Coordinator) -> list[str]:
-    from tunnelmesh import node
-
-    try:
-        return sorted(m.peer_id for m in node.coordinator_members(c.settings()))
-    except Exception:  # noqa: BLE001 - the registry may be mid-write
-        return []
 
 
 def client(writer: Coordinator, endpoint: Coordinator) -> Any:

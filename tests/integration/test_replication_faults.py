@@ -56,21 +56,12 @@ def mesh() -> Iterator[Mesh]:
         with proxied_cluster(root, 3, settings=SETTINGS) as (nodes, proxies):
             ids = sorted(c.peer_id for c in nodes)
             for c in nodes:
-                wait_for(lambda c=c: _member_ids(c) == ids, 60, f"{c.name} to know all coordinators", 0.3)
+                wait_for(lambda c=c: c.member_ids() == ids, 60, f"{c.name} to know all coordinators", 0.3)
             # Membership carries the proxies' URLs, so peer traffic really goes through them.
             assert all(p.url in _api_urls(nodes[0]) for p in proxies)
             yield Mesh(nodes, proxies)
     finally:
         remove_tree(root)
-
-
-def _member_ids(c: Coordinator) -> list[str]:
-    from tunnelmesh import node
-
-    try:
-        return sorted(m.peer_id for m in node.coordinator_members(c.settings()))
-    except Exception:  # noqa: BLE001 - the registry may be mid-write
-        return []
 
 
 def _api_urls(c: Coordinator) -> set[str]:
@@ -352,7 +343,7 @@ def test_write_quorum_unreachable_answers_503_and_keeps_the_write(mesh: Mesh) ->
     bucket = "quorum"
     bucket_everywhere(mesh.nodes, bucket)
     _with_write_quorum(a, 2)
-    wait_for(lambda: all(_member_ids(n) == sorted(x.peer_id for x in mesh.nodes) for n in mesh.nodes), 30,
+    wait_for(lambda: all(n.member_ids() == sorted(x.peer_id for x in mesh.nodes) for n in mesh.nodes), 30,
              "membership after A's restart", 0.3)
     s3a = client(a, a)
     ok_body = os.urandom(2 * CHUNK + 7)

@@ -168,6 +168,15 @@ class Coordinator:
         assert token, f"{self.name} has no mesh token yet"
         return s3_credentials(token, self.peer_id)
 
+    def member_ids(self) -> list[str]:
+        """Peer IDs of the active coordinators this one knows (empty while its registry is busy)."""
+        from tunnelmesh import node
+
+        try:
+            return sorted(m.peer_id for m in node.coordinator_members(self.settings()))
+        except Exception:  # noqa: BLE001 - the registry may be mid-write
+            return []
+
     def s3_client(self, endpoint: Coordinator | None = None, **config: Any) -> Any:
         """boto3 S3 client with this node's credentials (path style), against this coordinator's
         S3 API or ``endpoint``'s (one mesh: every coordinator verifies every node's signature)."""
