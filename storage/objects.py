@@ -22,6 +22,7 @@ import hashlib
 import os
 import secrets
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
@@ -81,6 +82,7 @@ __all__ = [
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3: every part but the last
+READ_AHEAD = 2  # chunks fetched from other coordinators ahead of the one being sent
 MAX_PART_SIZE = 5 * 1024**3
 MAX_PART_NUMBER = 10_000
 MAX_KEY_BYTES = 1024
@@ -211,6 +213,8 @@ class ObjectStore:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
         self._pool_lock = threading.Lock()
+        self._fetcher_pool: ThreadPoolExecutor | None = None
+        self._fetcher_pool_pid = 0
 
     # =========================================================================================
     # Buckets
@@ -634,6 +638,14 @@ class ObjectStore:
                 wait(in_flight)
         return _Stored(chunks, total, md5.digest())
 
+    def _fetch_pool(self) -> ThreadPoolExecutor:
+        pid = os.getpid()
+        with self._pool_lock:
+            if self._fetcher_pool is None or self._fetcher_pool_pid != pid:
+                self._fetcher_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="chunk-fetcher")
+                self._fetcher_pool_pid = pid
+            return self._fetcher_pool
+
     def _chunk_writer(self) -> ThreadPoolExecutor:
         # One pool per process: threads do not survive fork.
         pid = os.getpid()
@@ -644,14 +656,17 @@ class ObjectStore:
             return self._pool
 
     def close(self) -> None:
-        """Stop the background chunk writers and close this thread's database connection."""
+        """Stop the background chunk writers and fetchers and close this thread's database connection."""
         with self._pool_lock:
             if self._pool is not None and self._pool_pid == os.getpid():
                 self._pool.shutdown(wait=True)
-            self._pool = None
+            if self._fetcher_pool is not None and self._fetcher_pool_pid == os.getpid():
+                self._fetcher_pool.shutdown(wait=True)
+            self._pool = self._fetcher_pool = None
         self.meta.close()
 
     def _iter_range(self, chunks: tuple[ChunkRef, ...], start: int, end: int) -> Iterator[bytes]:
+        pieces: list[tuple[ChunkRef, int, int]] = []  # (chunk, slice start, slice end)
         offset = 0
         for ref in chunks:
             chunk_start, offset = offset, offset + ref.size
@@ -659,8 +674,25 @@ class ObjectStore:
                 continue
             if chunk_start >= end:
                 break
-            data = self._load_chunk(ref)
-            low, high = max(start - chunk_start, 0), min(end - chunk_start, ref.size)
+            pieces.append((ref, max(start - chunk_start, 0), min(end - chunk_start, ref.size)))
+        # Chunks held elsewhere are fetched READ_AHEAD pieces ahead, in parallel, so the network
+        # round trips overlap with sending the current chunk; local chunks are read in turn.
+        ahead: deque[tuple[ChunkRef, int, int, Future[bytes] | None]] = deque()
+        upcoming = iter(pieces)
+
+        def schedule() -> None:
+            piece = next(upcoming, None)
+            if piece is not None:
+                ref = piece[0]
+                remote = self.chunk_fetcher is not None and not self.chunks.exists(ref.hash)
+                ahead.append((*piece, self._fetch_pool().submit(self._load_chunk, ref) if remote else None))
+
+        for _ in range(READ_AHEAD + 1):
+            schedule()
+        while ahead:
+            ref, low, high, future = ahead.popleft()
+            data = future.result() if future is not None else self._load_chunk(ref)
+            schedule()
             yield data if (low == 0 and high == len(data)) else data[low:high]
 
     def _load_chunk(self, ref: ChunkRef) -> bytes:
