@@ -98,6 +98,22 @@ def _check_transport(settings: Settings, url: str) -> None:
         raise CliError(str(exc)) from None
 
 
+def check_listeners(settings: Settings) -> None:
+    """Plain HTTP is served only on loopback or private addresses unless explicitly allowed (then
+    with a warning): refuse to start a coordinator that would advertise it on a public one."""
+    from tunnelmesh.peer_client import InsecureTransport, check_transport
+
+    if not settings.coordinator.enabled:
+        return
+    for key, url in (("coordinator.listen", node.api_url(settings)), ("s3.listen", node.s3_url(settings))):
+        try:
+            check_transport(settings, url) if url else None
+        except InsecureTransport:
+            raise ConfigError(settings.source, key,
+                              f"would serve plain HTTP on the public address {url}: configure coordinator.tls "
+                              "(cert and key), or set coordinator.tls.allow_insecure_http: true") from None
+
+
 def _token_path(settings: Settings) -> Path:
     return settings.data_dir / IDENTITY_DIR / TOKEN_FILE
 
@@ -110,6 +126,7 @@ def prepare_node(settings: Settings, address: str | None, token: str | None, wai
 
     Raises CliError when the token is missing or refused, or the coordinator cannot be reached.
     """
+    check_listeners(settings)
     free = shutil.disk_usage(settings.data_dir).free
     if free < MIN_FREE_TO_START:
         # SQLite, Redis and the logs need a little room; without it they fail with errors that

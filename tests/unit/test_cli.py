@@ -203,3 +203,21 @@ def test_coordinator_addresses(address: str, url: str, config: Path) -> None:
 def test_bad_coordinator_addresses(address: str, config: Path) -> None:
     with pytest.raises(RegistrationError):
         coordinator_url(address, load_config(config))
+
+
+def test_plain_http_on_a_public_address_is_refused_unless_allowed(tmp_path: Path) -> None:
+    from tunnelmesh.cli import check_listeners
+    from tunnelmesh.config import ConfigError, settings_from_dict
+
+    def settings(**tls: object) -> object:
+        return settings_from_dict({"name": "coordinator-a", "coordinator": {
+            "enabled": True, "data_dir": str(tmp_path), "advertise_url": "http://1.2.3.4:8443",  # only classified, never contacted
+            "tls": tls}, "s3": {"advertise_url": "http://127.0.0.1:9000"}}, "c.yaml")
+
+    with pytest.raises(ConfigError) as refused:
+        check_listeners(settings())
+    assert str(refused.value).startswith("c.yaml: coordinator.listen: would serve plain HTTP on the public address")
+    check_listeners(settings(allow_insecure_http=True))  # explicitly allowed: starts (with a warning)
+    local = settings_from_dict({"name": "coordinator-a", "coordinator": {
+        "enabled": True, "data_dir": str(tmp_path), "listen": "127.0.0.1:8443"}}, "c.yaml")
+    check_listeners(local)
