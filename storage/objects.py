@@ -210,11 +210,9 @@ class ObjectStore:
         self.chunks = ChunkStore(self.data_dir, fsync=fsync, min_free_space=min_free_space)
         self.meta = MetadataStore(self.data_dir / "meta" / "metadata.db")
         self.actor = actor if "." in actor else f"{actor}.{self.meta.incarnation}"
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_pid = 0
+        # Thread pools by role ("writer", "fetcher"), with the pid that created them.
+        self._pools: dict[str, tuple[ThreadPoolExecutor, int]] = {}
         self._pool_lock = threading.Lock()
-        self._fetcher_pool: ThreadPoolExecutor | None = None
-        self._fetcher_pool_pid = 0
 
     # =========================================================================================
     # Buckets
@@ -611,7 +609,7 @@ class ObjectStore:
                 return
             if len(in_flight) >= self.write_ahead:
                 chunks.append(in_flight.pop(0).result())
-            in_flight.append(self._chunk_writer().submit(self.chunks.write, data))
+            in_flight.append(self._thread_pool("writer").submit(self.chunks.write, data))
 
         try:
             for piece in pieces:
@@ -638,31 +636,23 @@ class ObjectStore:
                 wait(in_flight)
         return _Stored(chunks, total, md5.digest())
 
-    def _fetch_pool(self) -> ThreadPoolExecutor:
+    def _thread_pool(self, role: str) -> ThreadPoolExecutor:
+        # One pool per role and process: threads do not survive fork.
         pid = os.getpid()
         with self._pool_lock:
-            if self._fetcher_pool is None or self._fetcher_pool_pid != pid:
-                self._fetcher_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="chunk-fetcher")
-                self._fetcher_pool_pid = pid
-            return self._fetcher_pool
-
-    def _chunk_writer(self) -> ThreadPoolExecutor:
-        # One pool per process: threads do not survive fork.
-        pid = os.getpid()
-        with self._pool_lock:
-            if self._pool is None or self._pool_pid != pid:
-                self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="chunk-writer")
-                self._pool_pid = pid
-            return self._pool
+            pool, owner = self._pools.get(role, (None, 0))
+            if pool is None or owner != pid:
+                pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"chunk-{role}")
+                self._pools[role] = (pool, pid)
+            return pool
 
     def close(self) -> None:
         """Stop the background chunk writers and fetchers and close this thread's database connection."""
         with self._pool_lock:
-            if self._pool is not None and self._pool_pid == os.getpid():
-                self._pool.shutdown(wait=True)
-            if self._fetcher_pool is not None and self._fetcher_pool_pid == os.getpid():
-                self._fetcher_pool.shutdown(wait=True)
-            self._pool = self._fetcher_pool = None
+            for pool, owner in self._pools.values():
+                if owner == os.getpid():
+                    pool.shutdown(wait=True)
+            self._pools.clear()
         self.meta.close()
 
     def _iter_range(self, chunks: tuple[ChunkRef, ...], start: int, end: int) -> Iterator[bytes]:
@@ -685,7 +675,7 @@ class ObjectStore:
             if piece is not None:
                 ref = piece[0]
                 remote = self.chunk_fetcher is not None and not self.chunks.exists(ref.hash)
-                ahead.append((*piece, self._fetch_pool().submit(self._load_chunk, ref) if remote else None))
+                ahead.append((*piece, self._thread_pool("fetcher").submit(self._load_chunk, ref) if remote else None))
 
         for _ in range(READ_AHEAD + 1):
             schedule()
