@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +18,7 @@ import pytest
 
 from storage.metadata import MetadataStore
 from storage.placement import place
-from tests.support import Coordinator, cluster, remove_tree, short_tmp_dir, wait_for
+from tests.support import Coordinator, cluster, remove_tree, short_tmp_dir, tunnelmesh_command, wait_for
 
 SETTINGS = {
     "coordinator": {"heartbeat_interval": "0.5s"},
@@ -79,6 +82,23 @@ def test_status_shows_membership_and_rebalance_progress(nodes: list[Coordinator]
     assert set(info["rebalance"]) == {n.name for n in nodes}, info["rebalance"]
     text = a.run_cli("status").stdout
     assert "rebalance:" in text and c.name in text
+
+
+def test_status_watch_redraws_progress_until_interrupted(nodes: list[Coordinator]) -> None:
+    a = nodes[0]
+    proc = subprocess.Popen([*tunnelmesh_command(), "status", "--watch", "--config", str(a.config_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=a.env())
+    try:
+        time.sleep(3.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out.count("rebalance:") >= 2, out  # redrawn every second
+    assert "Traceback" not in err
 
 
 def test_leave_drains_removes_and_stops_the_coordinator(nodes: list[Coordinator]) -> None:

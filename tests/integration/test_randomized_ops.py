@@ -76,6 +76,13 @@ def chunk_files(node: Coordinator) -> set[str]:
     return {n for _, _, names in os.walk(root) for n in names if len(n) == 64}
 
 
+def has_bucket(node: Coordinator) -> bool:
+    try:
+        return node.s3_client().head_bucket(Bucket="data") is not None
+    except botocore.exceptions.ClientError:
+        return False
+
+
 def test_randomized_operations_keep_every_acknowledged_object() -> None:
     seed = int(os.environ.get("TM_RANDOM_SEED") or random.SystemRandom().randrange(2**32))
     print(f"\nrandomized ops: seed {seed} (TM_RANDOM_SEED={seed} reproduces it)")
@@ -89,13 +96,7 @@ def test_randomized_operations_keep_every_acknowledged_object() -> None:
             running: list[Coordinator] = [a, b]
             extra: Coordinator | None = None
             a.s3_client().create_bucket(Bucket="data")
-            def bucket_on_b() -> bool:
-                try:
-                    return b.s3_client().head_bucket(Bucket="data") is not None
-                except botocore.exceptions.ClientError:
-                    return False
-
-            wait_for(bucket_on_b, 30, "the bucket on B", 0.2)
+            wait_for(lambda: has_bucket(b), 30, "the bucket on B", 0.2)
             model: dict[str, bytes | None] = {}
             bodies: list[bytes] = []
             try:
@@ -136,6 +137,10 @@ def test_randomized_operations_keep_every_acknowledged_object() -> None:
                         _, token = a.printed_join_command()
                         extra = Coordinator(root, "coordinator-c", settings=SETTINGS)
                         extra.start(join=a, token=token)
+                        # A coordinator that just joined learns existing buckets and objects from
+                        # the others (catch-up at worker start, then the rebalance's): eventual
+                        # consistency, so clients are sent to it once it has the bucket.
+                        wait_for(lambda node=extra: has_bucket(node), 60, "the bucket on the new coordinator C", 0.2)
                         running.append(extra)
                     if batch == LEAVE_AFTER:
                         rebalance.drain(b.settings(), timeout=60)
