@@ -33,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from storage.metadata import MetadataStore  # noqa: E402
-from tests.support import Coordinator, cluster, remove_tree, short_tmp_dir, wait_for  # noqa: E402
+from tests.support import Coordinator, cluster, remove_tree, short_tmp_dir, wait_converged, wait_for  # noqa: E402
 
 MiB = 1024 * 1024
 FACTOR = 2
@@ -217,9 +217,7 @@ def main() -> None:
     try:
         started = time.monotonic()
         with cluster(root, 3, settings=SETTINGS) as nodes:
-            ids = sorted(n.peer_id for n in nodes)
-            for node in nodes:
-                wait_for(lambda node=node: node.member_ids() == ids, 60, f"{node.name} to know everyone", 0.3)
+            wait_converged(nodes)
             result["cluster_start_s"] = round(time.monotonic() - started, 2)
             bucket = "bench"
             s3_client(nodes[0], nodes[0]).create_bucket(Bucket=bucket)

@@ -462,29 +462,23 @@ class ObjectStore:
         """
         validate_key(record.key)
         with self.meta.write() as tx:
-            local = tx.get_object(record.bucket, record.key)
-            if local is None:
-                tx.put_object(record)
-                return True
-            kept = self._resolve(local, record)
-            if kept == local:
-                return False
-            tx.put_object(kept)
-            return True
+            return self._keep_winner(tx.get_object(record.bucket, record.key), record, tx.put_object)
 
     def apply_remote_bucket(self, record: BucketRecord) -> bool:
         """Same as ``apply_remote_object`` for a bucket or a bucket tombstone."""
         _validate_bucket_name(record.name)
         with self.meta.write() as tx:
-            local = tx.get_bucket(record.name)
-            if local is None:
-                tx.put_bucket(record)
-                return True
-            kept = self._resolve(local, record)
-            if kept == local:
-                return False
-            tx.put_bucket(kept)
-            return True
+            return self._keep_winner(tx.get_bucket(record.name), record, tx.put_bucket)
+
+    @classmethod
+    def _keep_winner(cls, local: _Record | None, remote: _Record, store: Callable[[_Record], None]) -> bool:
+        """Store the winner of ``local`` and ``remote`` (inside the caller's transaction); True if
+        that changed anything."""
+        kept = remote if local is None else cls._resolve(local, remote)
+        if kept == local:
+            return False
+        store(kept)
+        return True
 
     @staticmethod
     def _resolve(local: _Record, remote: _Record) -> _Record:

@@ -18,7 +18,15 @@ import pytest
 
 from storage.metadata import MetadataStore
 from storage.placement import place
-from tests.support import Coordinator, cluster, remove_tree, short_tmp_dir, tunnelmesh_command, wait_for
+from tests.support import (
+    Coordinator,
+    cluster,
+    remove_tree,
+    short_tmp_dir,
+    tunnelmesh_command,
+    wait_converged,
+    wait_for,
+)
 
 SETTINGS = {
     "coordinator": {"heartbeat_interval": "0.5s"},
@@ -45,9 +53,7 @@ def nodes() -> Iterator[list[Coordinator]]:
     root = short_tmp_dir("tco-")
     try:
         with cluster(root, 3, settings=SETTINGS) as coordinators:
-            ids = sorted(c.peer_id for c in coordinators)
-            for c in coordinators:
-                wait_for(lambda c=c: c.member_ids() == ids, 60, f"{c.name} to know every coordinator", 0.3)
+            wait_converged(coordinators)
             a = coordinators[0]
             s3 = a.s3_client()
             s3.create_bucket(Bucket="ops")

@@ -21,7 +21,7 @@ import pytest
 
 from storage.metadata import MetadataStore
 from storage.placement import place
-from tests.support import Coordinator, cluster, remove_tree, short_tmp_dir, wait_for
+from tests.support import Coordinator, cluster, remove_tree, short_tmp_dir, wait_converged, wait_for
 
 CHUNK = 64 * 1024
 SETTINGS = {
@@ -39,9 +39,7 @@ def nodes() -> Iterator[list[Coordinator]]:
     root = short_tmp_dir("tmr-")
     try:
         with cluster(root, 3, settings=SETTINGS) as coordinators:
-            ids = sorted(c.peer_id for c in coordinators)
-            for c in coordinators:  # everyone knows everyone (membership spreads by heartbeats)
-                wait_for(lambda c=c: c.member_ids() == ids, 60, f"{c.name} to know all coordinators", 0.3)
+            wait_converged(coordinators)
             yield coordinators
     finally:
         remove_tree(root)

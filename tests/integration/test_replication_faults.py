@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from storage.metadata import MetadataStore, ObjectRecord
-from tests.support import Coordinator, remove_tree, short_tmp_dir, wait_for
+from tests.support import Coordinator, remove_tree, short_tmp_dir, wait_converged, wait_for
 from tests.support.coordinator import deep_merge
 from tests.support.proxy import FaultProxy, proxied_cluster
 
@@ -54,9 +54,7 @@ def mesh() -> Iterator[Mesh]:
     root = short_tmp_dir("tmf-")
     try:
         with proxied_cluster(root, 3, settings=SETTINGS) as (nodes, proxies):
-            ids = sorted(c.peer_id for c in nodes)
-            for c in nodes:
-                wait_for(lambda c=c: c.member_ids() == ids, 60, f"{c.name} to know all coordinators", 0.3)
+            wait_converged(nodes)
             # Membership carries the proxies' URLs, so peer traffic really goes through them.
             assert all(p.url in _api_urls(nodes[0]) for p in proxies)
             yield Mesh(nodes, proxies)

@@ -8,6 +8,7 @@ from tests.support.coordinator import (
     remove_tree,
     short_tmp_dir,
     tunnelmesh_command,
+    wait_converged,
     wait_for,
 )
 from tests.support.peer import PeerNode
@@ -21,5 +22,6 @@ __all__ = [
     "remove_tree",
     "short_tmp_dir",
     "tunnelmesh_command",
+    "wait_converged",
     "wait_for",
 ]

@@ -471,6 +471,14 @@ def cluster(root: Path, n: int, *, settings: dict[str, Any] | None = None,
             coordinator.cleanup()
 
 
+def wait_converged(coordinators: list[Coordinator], timeout: float = 60) -> None:
+    """Until every coordinator lists exactly these coordinators as members (membership spreads by
+    heartbeats, so a node that joined through the first learns of the others a moment later)."""
+    ids = sorted(c.peer_id for c in coordinators)
+    for c in coordinators:
+        wait_for(lambda c=c: c.member_ids() == ids, timeout, f"{c.name} to know every coordinator", 0.3)
+
+
 def short_tmp_dir(prefix: str = "tm-") -> Path:
     """A short directory under /tmp (pytest's tmp paths can exceed the unix socket path limit)."""
     import tempfile
