@@ -89,7 +89,10 @@ def replicate_object(self: Any, peer: str, kind: str, bucket: str, key: str,
         delay = retry_delay(rep, self.request.retries)
         log.warning("replicate %s %s/%s to %s: attempt %d of %d failed (%s); retrying in %.2fs",
                     kind, bucket, key, peer, attempt, rep.max_attempts, exc, delay)
-        raise self.retry(exc=exc, countdown=delay, max_retries=rep.max_attempts - 1) from None
+        # The retry carries the object in its message so that Celery's own retry log line and Flower
+        # say which object waits, not only which peer failed.
+        raise self.retry(exc=PeerUnavailable(f"{kind} {bucket}/{key} to {peer}: {exc}"), countdown=delay,
+                         max_retries=rep.max_attempts - 1) from None
     except PeerRejected as exc:
         # The peer refuses this record: retrying now would not help; keep it as a hint for later.
         service().record_hint(peer, kind, bucket, key, str(exc))

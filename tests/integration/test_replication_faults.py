@@ -295,7 +295,7 @@ def test_peer_answering_503_gets_growing_retries_then_a_hint_that_replays(mesh: 
         # Celery's own view: the task (one id across its retries) logged each retry, and its state
         # in the result backend is the last run's outcome: a hint after 3 attempts.
         celery_retries = re.findall(rf"replicate_object\[([0-9a-f-]+)\] retry: Retry in ([\d.]+)s: "
-                                    rf"PeerUnavailable\('[A-Z]+ {re.escape(proxy.url)}", log)
+                                    rf"PeerUnavailable\('object {bucket}/{key} to {b.peer_id}: [A-Z]+ {re.escape(proxy.url)}", log)
         task_ids = {task_id for task_id, _ in celery_retries}
         assert len(celery_retries) == ATTEMPTS - 1 and len(task_ids) == 1, log[-3000:]
         state = wait_for(lambda: _task_result(a, next(iter(task_ids))), 10, "the task's stored state")
