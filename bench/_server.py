@@ -12,6 +12,7 @@ started here is stopped by PID (master, then any worker left), also when a test 
 
 from __future__ import annotations
 
+import random
 import signal
 import socket
 import subprocess
@@ -35,9 +36,41 @@ from tunnelmesh.supervisor import child_env, role_argv  # noqa: E402
 REGION = "us-east-1"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now, for a server started a moment later.
+
+    Drawn below the kernel's ephemeral range: a port the OS picks for ``bind(0)`` is also one it
+    may give the next outgoing connection as its local port, and a server started afterwards on
+    it then fails with "address in use". Never the same port twice in one process.
+    """
+    ephemeral_low, _ = _ephemeral_range()
+    low = 20000 if ephemeral_low > 21000 else 1024
+    high = ephemeral_low - 1 if ephemeral_low > 21000 else 65535
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(low, high)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # fall back on the OS's choice
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 

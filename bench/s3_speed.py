@@ -7,6 +7,8 @@ Prints one JSON document:
 - ``s3``: PUT and GET of 64 MiB objects with boto3's default config (1 stream, then 4 concurrent),
   and 4 KiB PUT/GET at 8 concurrent clients (ops/s, p50/p99 latency in ms).
 - ``ratios``: each S3 figure over its raw limit; ``targets``: the issue's targets and whether met.
+- CPU per MiB (big objects) and per operation (4 KiB), server and client apart, with the rate that
+  CPU alone allows on this machine's cores: client and server share them here.
 
     python bench/s3_speed.py [--big-mib 64] [--small-ops 2000] [--rounds 3]
 
@@ -20,6 +22,7 @@ import argparse
 import http.client
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -30,6 +33,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -60,6 +65,27 @@ def raw_fsync_write(directory: Path, size: int, rounds: int) -> float:
             os.close(fd)
         best = max(best, size / MiB / (time.perf_counter() - start))
         path.unlink()
+    return best
+
+
+def raw_hash_speed(name: str, rounds: int, seconds: float = 0.3) -> float:
+    """MiB/s of one core hashing 4 MiB buffers with hashlib ``name``, best of ``rounds``.
+
+    MD5 is the ceiling of any single PUT: the S3 ETag of a (non-multipart) object is the MD5 of
+    its body, and MD5 cannot be split across cores. SHA-256 names and verifies every chunk.
+    """
+    import hashlib
+
+    block = os.urandom(4 * MiB)
+    best = 0.0
+    for _ in range(rounds):
+        digest = hashlib.new(name)
+        count = 0
+        start = time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            digest.update(block)
+            count += 1
+        best = max(best, count * 4 / elapsed)
     return best
 
 
@@ -139,11 +165,46 @@ def bare_http(size: int, rounds: int) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
-def big_objects(server: S3Server, bucket: str, size: int, streams: int, rounds: int) -> dict[str, float]:
+class CpuMeter:
+    """CPU seconds used by the S3 server (master and workers) and by this client process.
+
+    On a 2-core machine the client (boto3) and the server share the cores, so CPU per operation
+    bounds the rate: at ``c`` ms of CPU per operation in all, no more than ``cores x 1000 / c``
+    operations per second are possible, whatever the code waits on.
+    """
+
+    def __init__(self, server: S3Server) -> None:
+        self.processes = [psutil.Process(pid) for pid in server.pids()]
+
+    def _now(self) -> tuple[float, float]:
+        server = 0.0
+        for process in self.processes:
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            server += times.user + times.system
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return server, own.ru_utime + own.ru_stime
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def per(self, count: float, unit: str) -> dict[str, float]:
+        """CPU ms per ``unit`` since :meth:`start`, for the server, the client and both."""
+        server, client = (end - begin for end, begin in zip(self._now(), self._start, strict=True))
+        return {f"server_cpu_ms_per_{unit}": round(1000 * server / count, 2),
+                f"client_cpu_ms_per_{unit}": round(1000 * client / count, 2),
+                f"cpu_bound_{unit}s_per_s": round((os.cpu_count() or 1) * count / (server + client), 1)}
+
+
+def big_objects(server: S3Server, bucket: str, size: int, streams: int, rounds: int) -> dict[str, Any]:
     """Aggregate MiB/s of PUT and GET of ``size``-byte objects with ``streams`` concurrent clients."""
     clients = [server.client() for _ in range(streams)]
     bodies = [os.urandom(size) for _ in range(streams)]
     put_rates, get_rates = [], []
+    meter = CpuMeter(server)
+    cpu: dict[str, dict[str, float]] = {}  # of the last round
     for round_number in range(rounds):
         keys = [f"big-{streams}-{round_number}-{i}" for i in range(streams)]
 
@@ -158,19 +219,25 @@ def big_objects(server: S3Server, bucket: str, size: int, streams: int, rounds: 
             assert received == size
 
         with ThreadPoolExecutor(streams) as pool:
+            meter.start()
             start = time.perf_counter()
             list(pool.map(put, range(streams)))
             put_rates.append(streams * size / MiB / (time.perf_counter() - start))
+            cpu["put"] = meter.per(streams * size / MiB, "MiB")
+            meter.start()
             start = time.perf_counter()
             list(pool.map(get, range(streams)))
             get_rates.append(streams * size / MiB / (time.perf_counter() - start))
+            cpu["get"] = meter.per(streams * size / MiB, "MiB")
     return {"put_MiB_per_s": round(statistics.median(put_rates), 1),
-            "get_MiB_per_s": round(statistics.median(get_rates), 1)}
+            "get_MiB_per_s": round(statistics.median(get_rates), 1),
+            "cpu": cpu}
 
 
 def small_objects(server: S3Server, bucket: str, operations: int, clients_count: int) -> dict[str, Any]:
     """ops/s and latency percentiles of 4 KiB PUTs then GETs from ``clients_count`` concurrent clients."""
     clients = [server.client() for _ in range(clients_count)]
+    meter = CpuMeter(server)
     body = os.urandom(4096)
     for client in clients:  # open connections and warm up outside the measurement
         client.put_object(Bucket=bucket, Key="warm", Body=body)
@@ -191,6 +258,7 @@ def small_objects(server: S3Server, bucket: str, operations: int, clients_count:
             with lock:
                 latencies.extend(own)
 
+        meter.start()
         start = time.perf_counter()
         with ThreadPoolExecutor(clients_count) as pool:
             list(pool.map(worker, range(clients_count)))
@@ -198,7 +266,8 @@ def small_objects(server: S3Server, bucket: str, operations: int, clients_count:
         latencies.sort()
         return {"ops_per_s": round(operations / elapsed, 1),
                 "p50_ms": round(latencies[len(latencies) // 2] * 1000, 2),
-                "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000, 2)}
+                "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000, 2),
+                **meter.per(operations, "op")}
 
     return {"put": run("put"), "get": run("get")}
 
@@ -220,7 +289,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="s3-speed-", dir=args.dir) as tmp:
         root = Path(tmp)
         raw = {"fsync_write_MiB_per_s": round(raw_fsync_write(root, size, args.rounds), 1),
-               **{f"bare_http_{k}": v for k, v in bare_http(size, args.rounds).items()}}
+               **{f"bare_http_{k}": v for k, v in bare_http(size, args.rounds).items()},
+               "md5_mib_s": round(raw_hash_speed("md5", args.rounds), 1),
+               "sha256_mib_s": round(raw_hash_speed("sha256", args.rounds), 1)}
         with S3Server(root / "server") as server:
             client = server.client()
             client.create_bucket(Bucket="speed")
@@ -251,7 +322,28 @@ def main() -> None:
         "get_64MiB_at_least_0.5x_bare_http_download": result["ratios"]["get_1_stream_vs_bare_http_download"] >= 0.5,
         "put_4KiB_at_least_400_ops_per_s": small["put"]["ops_per_s"] >= 400,
     }
+    result["ceilings"], result["notes"] = ceilings(raw, one)
     print(json.dumps(result, indent=2))
+
+
+def ceilings(raw: dict[str, float], one: dict[str, float]) -> tuple[dict[str, Any], list[str]]:
+    """What bounds a single-stream PUT on this machine, and whether the PUT target can be met at all."""
+    put_target = 0.5 * raw["fsync_write_MiB_per_s"]
+    md5 = raw["md5_mib_s"]
+    reachable = md5 >= put_target
+    figures = {"put_target_MiB_per_s": round(put_target, 1),
+               "put_1_stream_md5_bound_MiB_per_s": md5,
+               "put_target_reachable_given_md5": reachable,
+               "put_1_stream_vs_md5_bound": round(one["put_MiB_per_s"] / md5, 2) if md5 else None}
+    notes = []
+    if not reachable:
+        notes.append(
+            f"PUT target not reachable on this machine: a single PUT must compute the MD5 of its body "
+            f"(the S3 ETag), which is serial, and one core hashes MD5 at {md5} MiB/s, below 0.5 x the "
+            f"raw fsync write ({put_target:.1f} MiB/s). On top of it the server verifies the client's "
+            f"SHA-256 (x-amz-content-sha256) and checksum and hashes every chunk with SHA-256 "
+            f"({raw['sha256_mib_s']} MiB/s per core), and boto3 hashes the body on the same cores.")
+    return figures, notes
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Layout under the data directory (``root``)::
 
-    chunks/ab/cd/<sha256 hex>   one file per chunk
+    chunks/ab/<sha256 hex>      one file per chunk, under the first byte of its hash
     tmp/                        in-flight writes (unique names; stale ones removed on open)
     quarantine/                 chunks that failed verification, plus the corrupt counter
 
@@ -92,11 +92,13 @@ class ChunkStore:
     def path(self, chunk_hash: str) -> Path:
         """Where the chunk lives (validated first: a bad hash raises ValueError)."""
         validate_hash(chunk_hash)
-        return self.chunks_dir / chunk_hash[:2] / chunk_hash[2:4] / chunk_hash
+        return self.chunks_dir / chunk_hash[:2] / chunk_hash
 
     def _create_fanout_dirs(self) -> None:
-        # The 256 first-level folders are made once, so a chunk write creates at most one folder
-        # (and pays at most one extra directory fsync).
+        # The 256 folders are made once, so a chunk write never creates one: a new chunk costs two
+        # fsyncs (its file, its folder). A second level (ab/cd/) would make most writes to a young
+        # store create a folder and fsync its parent as well: half the small-write rate, measured.
+        # One level holds millions of chunks (ext4 indexes directories with a hash tree).
         if (self.chunks_dir / "ff").is_dir():
             return
         for i in range(256):
@@ -154,7 +156,7 @@ class ChunkStore:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            created_dir = self._ensure_leaf_dir(target.parent)
+            created_dir = self._ensure_folder(target.parent)
             # Same bytes under the same name: replacing an existing file is harmless.
             os.replace(tmp_name, target)
         except OSError as exc:
@@ -171,16 +173,17 @@ class ChunkStore:
                 _fsync_dir(target.parent.parent)
         return ref
 
-    def _ensure_leaf_dir(self, leaf: Path) -> bool:
+    def _ensure_folder(self, folder: Path) -> bool:
+        """Create the chunk's folder if it is missing (removed by hand); True if it was created."""
         try:
-            os.mkdir(leaf)
+            os.mkdir(folder)
             return True
         except FileExistsError:
             return False
-        except FileNotFoundError:  # a first-level folder removed by hand: recreate both
-            leaf.mkdir(parents=True, exist_ok=True)
+        except FileNotFoundError:  # chunks/ itself removed by hand: recreate both
+            folder.mkdir(parents=True, exist_ok=True)
             if self.fsync:
-                _fsync_dir(self.chunks_dir)
+                _fsync_dir(self.root)
             return True
 
     def free_bytes(self) -> int:
@@ -263,12 +266,9 @@ class ChunkStore:
         for first in sorted(os.scandir(self.chunks_dir), key=lambda e: e.name):
             if not first.is_dir(follow_symlinks=False):
                 continue
-            for second in os.scandir(first.path):
-                if not second.is_dir(follow_symlinks=False):
-                    continue
-                for entry in os.scandir(second.path):
-                    if _HASH.fullmatch(entry.name):
-                        yield entry.name
+            for entry in os.scandir(first.path):
+                if _HASH.fullmatch(entry.name):
+                    yield entry.name
 
     def disk_usage(self) -> DiskUsage:
         """Total, used and free bytes of the file system holding the data directory."""

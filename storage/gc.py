@@ -40,12 +40,9 @@ tombstone) of that bucket is left.
 from __future__ import annotations
 
 import os
-import sqlite3
-import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +50,7 @@ from storage.chunks import ChunkStore
 from storage.manifest import ManifestEntry
 from storage.metadata import MetadataStore
 from storage.placement import place
+from storage.sqlite import SQLiteDatabase
 
 __all__ = [
     "ChunkGcReport",
@@ -180,39 +178,18 @@ def local_entry(bucket: str, key: str, vv_json: str, stamp: int, deleted: bool, 
     return ManifestEntry(bucket, key, VersionVector.from_json(vv_json), stamp, deleted, etag, writer)
 
 
-class TombstoneLedger:
+class TombstoneLedger(SQLiteDatabase):
     """When each tombstone version was first seen held by every current coordinator.
 
     A separate SQLite file (``data_dir/meta/tombstones.db``): losing it only restarts the grace.
     """
 
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
+        super().__init__(path)
         with self._tx() as conn:
             conn.execute("""CREATE TABLE IF NOT EXISTS confirmed (
                 bucket TEXT NOT NULL, key TEXT NOT NULL, vv TEXT NOT NULL, since_us INTEGER NOT NULL,
                 PRIMARY KEY (bucket, key))""")
-
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None or self._local.pid != os.getpid():
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.execute("PRAGMA journal_mode = WAL")
-            self._local.conn, self._local.pid = conn, os.getpid()
-        return conn
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def confirm(self, entries: Iterable[ManifestEntry], now_us: int) -> None:
         """Every member holds these tombstones: start their grace unless already started for that

@@ -38,6 +38,7 @@ from typing import Any
 
 from storage.chunks import ChunkRef
 from storage.errors import InsufficientStorage, StorageError
+from storage.sqlite import enable_wal
 from storage.versions import Version, VersionVector
 
 __all__ = [
@@ -610,7 +611,7 @@ class MetadataStore:
     def _migrate(self) -> None:
         conn = self._connection()
         # Persistent per database file; switching needs no transaction in progress.
-        conn.execute("PRAGMA journal_mode = WAL")
+        enable_wal(conn, BUSY_TIMEOUT_MS / 1000)
         with self.write() as tx:
             version = tx.conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:

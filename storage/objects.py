@@ -51,6 +51,7 @@ from storage.errors import (
     PreconditionFailed,
     StorageError,
 )
+from storage.hashing import BackgroundHash
 from storage.listing import ListPage, list_page
 from storage.metadata import (
     OUTBOX_CREATE_BUCKET,
@@ -590,7 +591,7 @@ class ObjectStore:
         is written in the calling thread: small objects never touch the thread pool.
         """
         chunk_size = self.chunk_size
-        md5 = hashlib.md5()
+        md5 = BackgroundHash(hashlib.md5())  # overlaps with reading (and verifying) the next piece
         chunks: list[ChunkRef] = []
         in_flight: list[Future[ChunkRef]] = []
         pending: list[bytes] = []
@@ -625,10 +626,11 @@ class ObjectStore:
                 chunks.append(in_flight.pop(0).result())
             if pending:
                 chunks.append(self.chunks.write(b"".join(pending)))
+            digest = md5.digest()
         finally:
             if in_flight:  # an error is propagating: let the writes finish, ignore them
                 wait(in_flight)
-        return _Stored(chunks, total, md5.digest())
+        return _Stored(chunks, total, digest)
 
     def _thread_pool(self, role: str) -> ThreadPoolExecutor:
         # One pool per role and process: threads do not survive fork.

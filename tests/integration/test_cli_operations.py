@@ -132,4 +132,4 @@ def test_leave_drains_removes_and_stops_the_coordinator(nodes: list[Coordinator]
         holders = place(h, remaining, 2)
         for n in (a, b):
             if n.peer_id in holders:
-                assert (n.data_dir / "chunks" / h[:2] / h[2:4] / h).exists(), f"{h} missing on {n.name}"
+                assert (n.data_dir / "chunks" / h[:2] / h).exists(), f"{h} missing on {n.name}"

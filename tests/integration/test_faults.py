@@ -121,7 +121,7 @@ def tmp_files(node: Coordinator) -> list[str]:
 
 
 def chunk_path(node: Coordinator, chunk_hash: str) -> Path:
-    return node.data_dir / "chunks" / chunk_hash[:2] / chunk_hash[2:4] / chunk_hash
+    return node.data_dir / "chunks" / chunk_hash[:2] / chunk_hash
 
 
 def signed_put_headers(node: Coordinator, key: str, length: int) -> dict[str, str]:

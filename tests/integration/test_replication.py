@@ -66,7 +66,7 @@ def keys(s3: Any, bucket: str) -> list[str] | None:
 
 
 def chunk_path(c: Coordinator, chunk_hash: str) -> Path:
-    return c.data_dir / "chunks" / chunk_hash[:2] / chunk_hash[2:4] / chunk_hash
+    return c.data_dir / "chunks" / chunk_hash[:2] / chunk_hash
 
 
 def object_chunks(c: Coordinator, bucket: str, key: str) -> list[str]:

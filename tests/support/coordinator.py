@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,17 +34,11 @@ import psutil
 import requests
 import yaml
 
+from bench._server import free_port
 from tunnelmesh.identity import S3Credentials, load_or_create_identity, read_token, s3_credentials
 
 JOIN_COMMAND = re.compile(r"tunnelmesh join (\S+) --token (\S+) --config \S+")
 NAMES = [f"coordinator-{c}" for c in "abcdefghij"]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:

@@ -35,6 +35,7 @@ from typing import Any, BinaryIO, Protocol
 
 import crc32c as _crc32c
 
+from storage.hashing import BackgroundHash
 from web.s3.errors import S3Error
 from web.s3.sigv4 import (
     EMPTY_SHA256,
@@ -192,13 +193,13 @@ class _ChecksumSet:
     """The checksums a request claims (in headers and/or trailers), computed over the payload."""
 
     def __init__(self) -> None:
-        self._running: dict[str, Checksum] = {}
+        self._running: dict[str, BackgroundHash] = {}  # large updates overlap with the other digests
         self._expected: dict[str, bytes] = {}   # algorithm -> claimed digest (from headers)
         self.verified: dict[str, str] = {}      # header name -> base64 value, once verified
 
     def compute(self, algorithm: str) -> None:
         if algorithm not in self._running:
-            self._running[algorithm] = new_checksum(algorithm)
+            self._running[algorithm] = BackgroundHash(new_checksum(algorithm))
 
     def expect(self, algorithm: str, digest: bytes) -> None:
         self.compute(algorithm)
@@ -370,7 +371,7 @@ class _PlainBodyReader(BodyReader):
         super().__init__(content_length, checksums)
         self._wire = wire
         self._claimed_sha256 = claimed_sha256
-        self._sha256 = hashlib.sha256() if claimed_sha256 is not None else None
+        self._sha256 = BackgroundHash(hashlib.sha256()) if claimed_sha256 is not None else None
         self._left = content_length
 
     def _read(self, n: int) -> bytes:

@@ -28,7 +28,7 @@ def test_write_then_read_returns_the_bytes_at_the_content_address(chunks: ChunkS
     ref = chunks.write(b"hello world")
     assert ref == ChunkRef(sha(b"hello world"), 11)
     path = chunks.path(ref.hash)
-    assert path == chunks.root / "chunks" / ref.hash[:2] / ref.hash[2:4] / ref.hash
+    assert path == chunks.root / "chunks" / ref.hash[:2] / ref.hash
     assert path.read_bytes() == b"hello world"
     assert chunks.read(ref.hash) == b"hello world"
     assert chunks.exists(ref.hash)
