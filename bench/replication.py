@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from storage.metadata import MetadataStore  # noqa: E402
 from tests.support import Coordinator, cluster, remove_tree, short_tmp_dir, wait_converged, wait_for  # noqa: E402
+from tunnelmesh import rebalance  # noqa: E402
 
 MiB = 1024 * 1024
 FACTOR = 2
@@ -114,7 +115,7 @@ class ArrivalWatcher:
 
 
 def measure_lag(nodes: list[Coordinator], bucket: str, sizes: list[int], rate: float | None,
-                timeout: float) -> list[float]:
+                timeout: float, prefix: str = "lag") -> list[float]:
     """PUT objects of ``sizes`` to nodes[0] (at ``rate`` per second, or one after another waiting for
     each to arrive); lag from each ack until every other node holds it."""
     a, others = nodes[0], nodes[1:]
@@ -125,7 +126,7 @@ def measure_lag(nodes: list[Coordinator], bucket: str, sizes: list[int], rate: f
         for index, size in enumerate(sizes):
             if rate:
                 time.sleep(max(0.0, started + index / rate - time.monotonic()))
-            key = f"lag-{size}-{index:05d}"
+            key = f"{prefix}-{size}-{index:05d}"
             body = os.urandom(size)
             etag = s3.put_object(Bucket=bucket, Key=key, Body=body)["ETag"].strip('"')
             acked[key] = time.monotonic()
@@ -222,6 +223,13 @@ def main() -> None:
             bucket = "bench"
             s3_client(nodes[0], nodes[0]).create_bucket(Bucket=bucket)
             wait_for(lambda: all(_has_bucket(n, bucket) for n in nodes), 30, "the bucket everywhere", 0.1)
+            # Steady state first: each worker's start-up jobs (metadata catch-up, the debounced
+            # start-up rebalance) would otherwise compete with the first objects' replication.
+            wait_for(lambda: all(rebalance.local_progress(n.settings()).get("state") == "done" for n in nodes),
+                     120, "the start-up rebalances to finish", 0.5)
+            result["startup_settled_s"] = round(time.monotonic() - started, 2)
+            # and warm: the first pushes of each worker process open its stores and connections.
+            measure_lag(nodes, bucket, [4096] * 12, args.small_rate, timeout=60, prefix="warm-up")
 
             small = measure_lag(nodes, bucket, [4096] * args.small_count, args.small_rate, timeout=60)
             result["lag_small"] = {"object_bytes": 4096, "rate_per_s": args.small_rate, **summary(small)}
