@@ -644,6 +644,10 @@ class ChunkFetcher:
 # =============================================================================================
 
 
+NUDGE_BACKOFF = 0.2  # seconds after a failed nudge, doubling per failure in a row
+NUDGE_BACKOFF_MAX = 5.0
+
+
 class OutboxNudger:
     """Asks the worker to drain the outbox soon after a write, without ever delaying the write.
 
@@ -686,6 +690,7 @@ class OutboxNudger:
         return self._app
 
     def _run(self) -> None:
+        failures = 0
         while True:
             self._event.wait()
             time.sleep(self.debounce)  # let a burst of writes collapse into one drain
@@ -693,6 +698,11 @@ class OutboxNudger:
             try:
                 self._celery().send_task(self.TASK, queue="replication", retry=False)
                 self.sent += 1
+                failures = 0
             except Exception as exc:  # noqa: BLE001 - the outbox keeps the intent; beat drains it
                 log.debug("outbox nudge not sent (%s); beat will drain the outbox", exc)
                 self._app = None
+                failures += 1
+                # Redis down: retrying at every write would build a Celery app and dial Redis dozens
+                # of times a second, for nothing (beat drains the outbox). Nudges meanwhile collapse.
+                time.sleep(min(NUDGE_BACKOFF_MAX, NUDGE_BACKOFF * 2 ** (failures - 1)))

@@ -200,20 +200,29 @@ def test_corrupt_replica_on_a_holder_is_repaired_when_read_from_elsewhere(nodes:
     body = os.urandom(40 * CHUNK)
     s3.put_object(Bucket="repair", Key="obj", Body=body)
     ids = sorted(by_id)
-    # A chunk whose primary holder (asked first by the third coordinator) is not the writer.
+    # A chunk whose primary holder (asked first by the third coordinator) is not the writer, and
+    # whose reader is not the writer either: the writer keeps its own copy of a chunk it does not
+    # hold until replication confirms, and would serve that copy without asking the holder.
     for chunk_hash in object_chunks(a, "repair", "obj"):
         first, second = place(chunk_hash, ids, 2)
         reader = next(c for c in nodes if c.peer_id not in (first, second))
-        if first != a.peer_id:
+        if first != a.peer_id and second == a.peer_id:
             break
+    else:
+        pytest.fail("no chunk of 40 has the writer as its second holder")
     holder = by_id[first]
     path = chunk_path(holder, chunk_hash)
     wait_for(lambda: path.exists() and read(client(a, reader), "repair", "obj") == body, 60,
              "the object readable through the third coordinator", 0.3)
+    assert not chunk_path(reader, chunk_hash).exists()  # the reader has to ask a holder
     good = path.read_bytes()
     path.write_bytes(bytes([good[0] ^ 0xFF]) + good[1:])
 
     assert read(client(a, reader), "repair", "obj") == body
-    wait_for(lambda: path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == chunk_hash, 30,
-             "the holder's replica to be repaired", 0.3)
+    try:
+        wait_for(lambda: path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == chunk_hash, 30,
+                 "the holder's replica to be repaired", 0.3)
+    except AssertionError as exc:
+        repair_lines = [line for line in holder.output().splitlines() if chunk_hash in line]
+        raise AssertionError(f"{exc}; the holder's log about the chunk: {repair_lines[-10:]}") from None
     assert (holder.data_dir / "quarantine").exists()
