@@ -39,12 +39,11 @@ REGION = "us-east-1"
 _handed_out: set[int] = set()
 
 
-def _ephemeral_range() -> tuple[int, int]:
+def _ephemeral_low() -> int:
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -54,12 +53,10 @@ def free_port(host: str = "127.0.0.1") -> int:
     may give the next outgoing connection as its local port, and a server started afterwards on
     it then fails with "address in use". Never the same port twice in one process.
     """
-    ephemeral_low, _ = _ephemeral_range()
-    low = 20000 if ephemeral_low > 21000 else 1024
-    high = ephemeral_low - 1 if ephemeral_low > 21000 else 65535
-    rng = random.Random()
+    ephemeral_low = _ephemeral_low()
+    low, high = (20000, ephemeral_low - 1) if ephemeral_low > 21000 else (1024, 65535)
     for _ in range(200):
-        port = rng.randint(low, high)
+        port = random.randint(low, high)
         if port in _handed_out:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -156,9 +156,14 @@ class ChunkStore:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            created_dir = self._ensure_folder(target.parent)
             # Same bytes under the same name: replacing an existing file is harmless.
-            os.replace(tmp_name, target)
+            created_dir = False
+            try:
+                os.replace(tmp_name, target)
+            except FileNotFoundError:
+                # The 256 folders exist from the start, so this is rare: no mkdir per write.
+                created_dir = self._recreate_folder(target.parent)
+                os.replace(tmp_name, target)
         except OSError as exc:
             _unlink_quietly(tmp_name)
             if exc.errno in _DISK_FULL:
@@ -173,18 +178,15 @@ class ChunkStore:
                 _fsync_dir(target.parent.parent)
         return ref
 
-    def _ensure_folder(self, folder: Path) -> bool:
-        """Create the chunk's folder if it is missing (removed by hand); True if it was created."""
-        try:
-            os.mkdir(folder)
-            return True
-        except FileExistsError:
-            return False
-        except FileNotFoundError:  # chunks/ itself removed by hand: recreate both
-            folder.mkdir(parents=True, exist_ok=True)
-            if self.fsync:
-                _fsync_dir(self.root)
-            return True
+    def _recreate_folder(self, folder: Path) -> bool:
+        """Create a chunk folder removed by hand (``chunks/`` itself too); True if it was missing."""
+        if folder.is_dir():
+            return False  # the temporary file was the missing piece: the retried rename says so
+        created_parent = not self.chunks_dir.is_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.fsync and created_parent:
+            _fsync_dir(self.root)
+        return True
 
     def free_bytes(self) -> int:
         """Bytes available to this process on the data directory's file system."""

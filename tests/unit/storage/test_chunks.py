@@ -202,3 +202,15 @@ def test_fsync_is_used_when_enabled(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     nosync = ChunkStore(tmp_path / "other", fsync=False)
     nosync.write(b"fast")
     assert synced == []
+
+
+@pytest.mark.parametrize("removed", ["its folder", "chunks/"])
+def test_a_folder_removed_by_hand_is_recreated_on_write(chunks: ChunkStore, removed: str) -> None:
+    import shutil
+
+    data = b"after the folder went away"
+    folder = chunks.path(sha(data)).parent
+    shutil.rmtree(folder if removed == "its folder" else folder.parent)
+    ref = chunks.write(data)
+    assert chunks.read(ref.hash) == data
+    assert list(os.scandir(chunks.tmp_dir)) == []
