@@ -77,6 +77,7 @@ import json
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii as _esc  # type: ignore[attr-defined]
 from typing import Any
 
 from storage.versions import Ordering, Version, VersionVector
@@ -85,6 +86,7 @@ __all__ = [
     "DEFAULT_RANGES",
     "ManifestEntry",
     "entry_digest",
+    "row_digest",
     "range_of",
     "RangeDigests",
     "DigestTable",
@@ -167,6 +169,14 @@ def _canonical(entry: ManifestEntry) -> bytes:
 def entry_digest(entry: ManifestEntry) -> bytes:
     """16-byte digest of every field of ``entry`` (any difference changes it)."""
     return hashlib.blake2b(_canonical(entry), digest_size=_DIGEST_BYTES).digest()
+
+
+def row_digest(bucket: str, key: str, vv_json: str, stamp: int, deleted: int, etag: str, writer: str) -> bytes:
+    """:func:`entry_digest` of an entry given as stored fields (``vv_json`` is
+    ``VersionVector.to_json()``: compact, sorted, ASCII-escaped), without building a
+    VersionVector: the metadata store keeps its range digests up to date with it on every write."""
+    text = f"[{_esc(bucket)},{_esc(key)},{vv_json},{stamp},{deleted},{_esc(etag)},{_esc(writer)}]"
+    return hashlib.blake2b(text.encode(), digest_size=_DIGEST_BYTES).digest()
 
 
 def range_of(bucket: str, key: str, ranges: int = DEFAULT_RANGES) -> int:

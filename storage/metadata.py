@@ -18,6 +18,11 @@ write continues the vector instead of restarting it.
 Every mutation appends a row to ``outbox`` in the same transaction: a durable record of what must
 be replicated, consumed later by the replication workers (at-least-once; they read the current
 state of the key, so duplicates and coalescing are harmless).
+
+The manifest sync's range digests (``storage.manifest``: per range, the count of rows and the XOR
+of their ``row_digest``) are kept in ``range_digests``, updated in the same transaction as every
+object or bucket row (``sync_range`` on each row is its ``range_of``), so a sync round between
+identical stores reads 256 small rows instead of hashing the whole store.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from typing import Any
 
 from storage.chunks import ChunkRef
 from storage.errors import InsufficientStorage, StorageError
+from storage.manifest import DEFAULT_RANGES, range_of, row_digest
 from storage.sqlite import enable_wal
 from storage.versions import Version, VersionVector
 
@@ -52,8 +58,9 @@ __all__ = [
     "SCHEMA_VERSION",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
+_RANGE_DIGEST_BYTES = 16  # storage.manifest's row digests are 128 bits
 
 # Outbox kinds (replication intents).
 OUTBOX_PUT = "put"  # an object version was written (PUT, copy, multipart completion)
@@ -117,6 +124,19 @@ _SCHEMA_V1 = [
         bucket TEXT NOT NULL,
         key TEXT NOT NULL,
         created_us INTEGER NOT NULL)""",
+]
+
+# Version 2: the manifest sync's range digests, kept up to date by every row write.
+_SCHEMA_V2 = [
+    "ALTER TABLE objects ADD COLUMN sync_range INTEGER NOT NULL DEFAULT -1",
+    "ALTER TABLE buckets ADD COLUMN sync_range INTEGER NOT NULL DEFAULT -1",
+    "CREATE INDEX objects_by_range ON objects (sync_range)",
+    # Tombstones are few and read by every sync round (to confirm them), so they get their own index.
+    "CREATE INDEX objects_dead_by_range ON objects (sync_range) WHERE deleted = 1",
+    """CREATE TABLE range_digests (
+        range INTEGER PRIMARY KEY,
+        count INTEGER NOT NULL,
+        digest BLOB NOT NULL)""",
 ]
 
 
@@ -288,6 +308,12 @@ _UPLOAD_COLUMNS = "upload_id, bucket, key, owner, initiated_us, content_type, he
 _PART_COLUMNS = "upload_id, part_number, size, etag, last_modified_us, chunks"
 ROW_KEY = 1  # index of the key in an object row (see scan_live_objects)
 
+# A manifest row: bucket, key ("" for a bucket), vv json, stamp, deleted, etag ("" for a bucket),
+# writer; the fields of ``storage.manifest.ManifestEntry`` as stored.
+ManifestRow = tuple[str, str, str, int, int, str, str]
+_OBJECT_MANIFEST_COLUMNS = "bucket, key, vv, last_modified_us, deleted, etag, writer"
+_BUCKET_MANIFEST_COLUMNS = "name, '', vv, modified_us, deleted, '', writer"
+
 
 def object_from_row(row: tuple[Any, ...]) -> ObjectRecord:
     parts = row[12]
@@ -370,21 +396,27 @@ class Tx:
         return _bucket_from_row(row) if row else None
 
     def put_bucket(self, record: BucketRecord) -> None:
+        old = self._bucket_digest(record.name)
+        vv = record.vv.to_json()
+        sync_range = range_of(record.name, "")
         self._write(
-            f"INSERT INTO buckets ({_BUCKET_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            f"INSERT INTO buckets ({_BUCKET_COLUMNS}, sync_range) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, created_us = excluded.created_us, "
             "vv = excluded.vv, deleted = excluded.deleted, modified_us = excluded.modified_us, "
-            "writer = excluded.writer",
+            "writer = excluded.writer, sync_range = excluded.sync_range",
             (
                 record.name,
                 record.owner,
                 record.created_us,
-                record.vv.to_json(),
+                vv,
                 int(record.deleted),
                 record.modified_us,
                 record.writer,
+                sync_range,
             ),
         )
+        new = row_digest(record.name, "", vv, record.modified_us, int(record.deleted), "", record.writer)
+        self._shift_range(sync_range, old, new)
 
     def list_buckets(self, include_deleted: bool = False) -> list[BucketRecord]:
         where = "" if include_deleted else "WHERE deleted = 0"
@@ -393,7 +425,10 @@ class Tx:
 
     def purge_bucket(self, name: str) -> None:
         """Remove a bucket row for good (tombstone garbage collection)."""
-        self._write("DELETE FROM buckets WHERE name = ?", (name,))
+        old = self._bucket_digest(name)
+        if old is not None:
+            self._write("DELETE FROM buckets WHERE name = ?", (name,))
+            self._shift_range(range_of(name, ""), old, None)
 
     def bucket_has_live_objects(self, name: str) -> bool:
         row = self.conn.execute("SELECT 1 FROM objects WHERE bucket = ? AND deleted = 0 LIMIT 1", (name,))
@@ -408,12 +443,16 @@ class Tx:
 
     def put_object(self, record: ObjectRecord) -> None:
         """Insert or replace the row of ``(record.bucket, record.key)``."""
+        old = self._object_digest(record.bucket, record.key)
+        vv = record.vv.to_json()
+        sync_range = range_of(record.bucket, record.key)
         self._write(
-            f"INSERT INTO objects ({_OBJECT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"INSERT INTO objects ({_OBJECT_COLUMNS}, sync_range) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (bucket, key) DO UPDATE SET size = excluded.size, etag = excluded.etag, "
             "last_modified_us = excluded.last_modified_us, content_type = excluded.content_type, "
             "headers = excluded.headers, user_meta = excluded.user_meta, chunks = excluded.chunks, "
-            "vv = excluded.vv, writer = excluded.writer, deleted = excluded.deleted, parts = excluded.parts",
+            "vv = excluded.vv, writer = excluded.writer, deleted = excluded.deleted, parts = excluded.parts, "
+            "sync_range = excluded.sync_range",
             (
                 record.bucket,
                 record.key,
@@ -424,16 +463,68 @@ class Tx:
                 _dump(record.headers),
                 _dump(record.user_meta),
                 encode_chunks(record.chunks),
-                record.vv.to_json(),
+                vv,
                 record.writer,
                 int(record.deleted),
                 json.dumps(list(record.parts)) if record.parts is not None else None,
+                sync_range,
             ),
         )
+        new = row_digest(record.bucket, record.key, vv, record.last_modified_us, int(record.deleted),
+                         record.etag, record.writer)
+        self._shift_range(sync_range, old, new)
 
     def purge_object(self, bucket: str, key: str) -> None:
         """Remove an object row for good (tombstone garbage collection)."""
-        self._write("DELETE FROM objects WHERE bucket = ? AND key = ?", (bucket, key))
+        old = self._object_digest(bucket, key)
+        if old is not None:
+            self._write("DELETE FROM objects WHERE bucket = ? AND key = ?", (bucket, key))
+            self._shift_range(range_of(bucket, key), old, None)
+
+    # -- the manifest sync's view ------------------------------------------------------------
+    def _bucket_digest(self, name: str) -> bytes | None:
+        row = self.conn.execute(
+            f"SELECT {_BUCKET_MANIFEST_COLUMNS} FROM buckets WHERE name = ?", (name,)).fetchone()
+        return row_digest(*row) if row else None
+
+    def _object_digest(self, bucket: str, key: str) -> bytes | None:
+        row = self.conn.execute(
+            f"SELECT {_OBJECT_MANIFEST_COLUMNS} FROM objects WHERE bucket = ? AND key = ?", (bucket, key)).fetchone()
+        return row_digest(*row) if row else None
+
+    def _shift_range(self, sync_range: int, removed: bytes | None, added: bytes | None) -> None:
+        """Take one row's old digest out of its range's digest and put its new one in."""
+        if removed == added:
+            return  # the same row again (an idempotent re-apply)
+        row = self.conn.execute("SELECT count, digest FROM range_digests WHERE range = ?", (sync_range,)).fetchone()
+        count, digest = (row[0], int.from_bytes(row[1], "big")) if row else (0, 0)
+        for change, sign in ((removed, -1), (added, 1)):
+            if change is not None:
+                count += sign
+                digest ^= int.from_bytes(change, "big")
+        self._write("INSERT OR REPLACE INTO range_digests (range, count, digest) VALUES (?, ?, ?)",
+                    (sync_range, count, digest.to_bytes(_RANGE_DIGEST_BYTES, "big")))
+
+    def range_digests(self) -> tuple[list[int], list[int]]:
+        """Per range (``storage.manifest.DEFAULT_RANGES`` of them): row count, XOR of row digests."""
+        counts, hashes = [0] * DEFAULT_RANGES, [0] * DEFAULT_RANGES
+        for index, count, digest in self.conn.execute("SELECT range, count, digest FROM range_digests"):
+            counts[index], hashes[index] = count, int.from_bytes(digest, "big")
+        return counts, hashes
+
+    def manifest_rows(self, ranges: Iterable[int], *, deleted_only: bool = False) -> list[tuple[int, ManifestRow]]:
+        """``(range, row)`` of every object and bucket row in ``ranges`` (tombstones only if asked)."""
+        wanted = sorted(set(ranges))
+        found: list[tuple[int, ManifestRow]] = []
+        dead = " AND deleted = 1" if deleted_only else ""
+        for start in range(0, len(wanted), 500):
+            batch = wanted[start : start + 500]
+            marks = ",".join("?" * len(batch))
+            for table, columns in (("objects", _OBJECT_MANIFEST_COLUMNS), ("buckets", _BUCKET_MANIFEST_COLUMNS)):
+                rows = self.conn.execute(
+                    f"SELECT sync_range, {columns} FROM {table} WHERE sync_range IN ({marks}){dead}", batch)
+                found += [(row[0], row[1:]) for row in rows]
+        return found
 
     def scan_live_objects(
         self, bucket: str, lower: str, lower_inclusive: bool, upper: str | None, limit: int
@@ -560,6 +651,24 @@ class Tx:
 # ---------------------------------------------------------------------------------------------
 
 
+def _fill_range_digests(conn: sqlite3.Connection) -> None:
+    """Compute ``sync_range`` of every row and the range digests from scratch (schema upgrade)."""
+    counts, hashes = [0] * DEFAULT_RANGES, [0] * DEFAULT_RANGES
+    for table, columns, names in (("objects", _OBJECT_MANIFEST_COLUMNS, "bucket = ? AND key = ?"),
+                                  ("buckets", _BUCKET_MANIFEST_COLUMNS, "name = ?")):
+        updates = []
+        for row in conn.execute(f"SELECT {columns} FROM {table}").fetchall():
+            index = range_of(row[0], row[1])
+            counts[index] += 1
+            hashes[index] ^= int.from_bytes(row_digest(*row), "big")
+            updates.append((index, *(row[:2] if table == "objects" else row[:1])))
+        conn.executemany(f"UPDATE {table} SET sync_range = ? WHERE {names}", updates)
+    conn.execute("DELETE FROM range_digests")
+    conn.executemany("INSERT INTO range_digests (range, count, digest) VALUES (?, ?, ?)",
+                     [(index, counts[index], hashes[index].to_bytes(_RANGE_DIGEST_BYTES, "big"))
+                      for index in range(DEFAULT_RANGES) if counts[index]])
+
+
 def _is_disk_full(exc: sqlite3.Error) -> bool:
     return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
 
@@ -630,8 +739,13 @@ class MetadataStore:
                 tx.conn.execute(
                     "INSERT INTO node_info (name, value) VALUES ('created_us', ?)", (str(now_us()),)
                 )
+            if version < 2:
+                for statement in _SCHEMA_V2:
+                    tx.conn.execute(statement)
+                _fill_range_digests(tx.conn)
+            # Later schema versions: "if version < 3: ..." steps go here, in order.
+            if version < SCHEMA_VERSION:
                 tx.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            # Later schema versions: "if version < 2: ..." steps go here, in order.
 
     # -- transactions ------------------------------------------------------------------------
     @contextmanager

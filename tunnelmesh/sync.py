@@ -56,8 +56,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from hashlib import blake2b
-from json.encoder import encode_basestring_ascii as _esc  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -73,7 +71,7 @@ from storage.manifest import (
     name_id,
     reconcile,
 )
-from storage.metadata import BucketRecord, ObjectRecord
+from storage.metadata import BucketRecord, ManifestRow, ObjectRecord
 from storage.placement import members_fingerprint, owner_of_range, place
 from storage.versions import VersionVector
 from tunnelmesh.config import Settings
@@ -85,28 +83,14 @@ SYNC_LOCK = "tm:sync:lock"
 LAST_REPORT_KEY = "tm:sync:last_report"
 KIND_OBJECT = "object"
 KIND_BUCKET = "bucket"
-_DIGEST_BYTES = 16
 PULL_BATCH = 500  # records per "records" request
 
-Row = tuple[str, str, str, int, int, str, str]  # bucket, key ("" = bucket), vv json, stamp, deleted, etag, writer
+Row = ManifestRow  # bucket, key ("" = bucket), vv json, stamp, deleted, etag, writer
 
 
 # =============================================================================================
 # The local manifest (built from the metadata database, digests computed from the raw rows)
 # =============================================================================================
-
-
-def _row_digest(row: Row) -> int:
-    # Same bytes as storage.manifest's canonical JSON row (vv is stored as VersionVector.to_json(),
-    # i.e. compact, sorted, ASCII-escaped), without building VersionVector objects: half the cost.
-    bucket, key, vv, stamp, deleted, etag, writer = row
-    text = f"[{_esc(bucket)},{_esc(key)},{vv},{stamp},{deleted},{_esc(etag)},{_esc(writer)}]"
-    return int.from_bytes(blake2b(text.encode(), digest_size=_DIGEST_BYTES).digest(), "big")
-
-
-def _row_range(bucket: str, key: str, ranges: int) -> int:
-    name = bucket.encode("utf-8", "surrogatepass") + b"\0" + key.encode("utf-8", "surrogatepass")
-    return int.from_bytes(blake2b(name, digest_size=8).digest(), "big") % ranges
 
 
 def row_entry(row: Row) -> ManifestEntry:
@@ -115,38 +99,66 @@ def row_entry(row: Row) -> ManifestEntry:
 
 
 class LocalManifest:
-    """Every object and bucket row of a store, by range, with the range digests."""
+    """A store's manifest as one sync round sees it: the range digests and tombstones read in one
+    snapshot (the digests kept up to date by the metadata store on every write, so nothing is
+    hashed here), and the rows of a range read only when a round needs them (a differing range).
 
-    def __init__(self, rows: Sequence[Row], ranges: int = DEFAULT_RANGES) -> None:
-        self.ranges = ranges
-        self.by_range: list[list[Row]] = [[] for _ in range(ranges)]
-        counts = [0] * ranges
-        hashes = [0] * ranges
-        for row in rows:
-            index = _row_range(row[0], row[1], ranges)
-            self.by_range[index].append(row)
-            counts[index] += 1
-            hashes[index] ^= _row_digest(row)
-        self.digests = RangeDigests(tuple(counts), tuple(hashes))
+    Tombstones come from the same snapshot as the digests: a round confirms the tombstones of
+    ranges whose digests matched, so they must be exactly the tombstones those digests cover.
+    Rows read later may be newer than the digests; a round only compares them, and every change
+    it makes goes through the version-vector apply rule against the current version.
+    """
+
+    def __init__(self, meta: Any, digests: RangeDigests, tombstones: Sequence[tuple[int, Row]]) -> None:
+        self.meta = meta
+        self.ranges = digests.ranges
+        self.digests = digests
+        self._tombstones: dict[int, list[Row]] = {}
+        for index, row in tombstones:
+            self._tombstones.setdefault(index, []).append(row)
+        self._rows: dict[int, list[Row]] = {}
+        self._rows_lock = threading.Lock()
 
     @classmethod
-    def load(cls, meta: Any, ranges: int = DEFAULT_RANGES) -> LocalManifest:
+    def load(cls, meta: Any) -> LocalManifest:
         with meta.read() as tx:
-            rows = tx.conn.execute(
-                "SELECT bucket, key, vv, last_modified_us, deleted, etag, writer FROM objects").fetchall()
-            rows += tx.conn.execute(
-                "SELECT name, '', vv, modified_us, deleted, '', writer FROM buckets").fetchall()
-        return cls(rows, ranges)
+            counts, hashes = tx.range_digests()
+            tombstones = tx.manifest_rows(range(len(counts)), deleted_only=True)
+        return cls(meta, RangeDigests(tuple(counts), tuple(hashes)), tombstones)
+
+    def prefetch(self, ranges: Iterable[int]) -> None:
+        """Read the rows of ``ranges`` (one query for all of them, one snapshot)."""
+        with self._rows_lock:
+            missing = sorted({int(r) for r in ranges if 0 <= int(r) < self.ranges} - self._rows.keys())
+            if not missing:
+                return
+            with self.meta.read() as tx:
+                found = tx.manifest_rows(missing)
+            by_range: dict[int, list[Row]] = {index: [] for index in missing}
+            for index, row in found:
+                by_range[index].append(row)
+            self._rows.update(by_range)
+
+    def rows(self, index: int) -> list[Row]:
+        self.prefetch([index])
+        return self._rows.get(index, [])
+
+    def tombstones(self, ranges: Iterable[int]) -> list[ManifestEntry]:
+        """The tombstones of ``ranges`` in the digests' snapshot."""
+        return [row_entry(row) for index in ranges for row in self._tombstones.get(index, [])]
 
     def entries(self, ranges: Iterable[int]) -> list[ManifestEntry]:
-        return [row_entry(row) for index in ranges for row in self.by_range[index]]
+        ranges = list(ranges)
+        self.prefetch(ranges)
+        return [row_entry(row) for index in ranges for row in self.rows(index)]
 
     def summary(self, index: int) -> RangeSummary:
         return RangeSummary.of(self.entries([index]))
 
     def select(self, ranges: Iterable[int], ids: set[int]) -> list[ManifestEntry]:
-        return [row_entry(row) for index in ranges for row in self.by_range[index]
-                if name_id(row[0], row[1]) in ids]
+        ranges = list(ranges)
+        self.prefetch(ranges)
+        return [row_entry(row) for index in ranges for row in self.rows(index) if name_id(row[0], row[1]) in ids]
 
 
 def owned_ranges(owner: str, members: Sequence[str], ranges: int = DEFAULT_RANGES) -> list[int]:
@@ -333,7 +345,9 @@ class SyncService:
 
     def _op_summaries(self, body: dict[str, Any]) -> dict[str, Any]:
         manifest = self.manifest(body.get("round"))
-        return {"summaries": {str(int(r)): manifest.summary(int(r)).to_json() for r in body.get("ranges", [])}}
+        ranges = [int(r) for r in body.get("ranges", [])]
+        manifest.prefetch(ranges)
+        return {"summaries": {str(r): manifest.summary(r).to_json() for r in ranges}}
 
     def _op_entries(self, body: dict[str, Any]) -> dict[str, Any]:
         manifest = self.manifest(body.get("round"))
@@ -411,7 +425,7 @@ class SyncService:
             report.error = "the peer's membership view differs (no round until both agree)"
             return
         if answer.get("top") == mine.digests.top_for(ranges):
-            report.confirmed_tombstones = [e for e in mine.entries(ranges) if e.deleted]
+            report.confirmed_tombstones = mine.tombstones(ranges)
             return
         try:
             theirs = RangeDigests.from_json(link.call("ranges", {"round": round_id})["table"])
@@ -424,8 +438,9 @@ class SyncService:
         ] if theirs.ranges == mine.ranges else sorted(wanted)
         report.ranges_differing = len(differing)
         same = [r for r in ranges if r not in set(differing)]
-        confirmed = [e for e in mine.entries(same) if e.deleted]
+        confirmed = mine.tombstones(same)
         summaries = link.call("summaries", {"round": round_id, "ranges": differing}).get("summaries", {})
+        mine.prefetch(differing)
         ids: set[int] = set()
         for r in differing:
             try:
@@ -554,9 +569,8 @@ class SyncService:
         if peers:
             common = set.intersection(*({(e.name, e.vv) for e in r.confirmed_tombstones} for r in ok.values()))
         else:
-            common = {(e.name, e.vv) for e in self.manifest().entries(owned_ranges(self.self_id, members))
-                      if e.deleted}
-        mine = [e for e in self.manifest().entries(owned_ranges(self.self_id, members)) if e.deleted]
+            common = {(e.name, e.vv) for e in self.manifest().tombstones(owned_ranges(self.self_id, members))}
+        mine = self.manifest().tombstones(owned_ranges(self.self_id, members))
         held = [e for e in mine if (e.name, e.vv) in common]
         self.tombstones.confirm(held, now_us)
         due = tombstones_due(held, self.tombstones.since(), now_us, int(self.tombstone_grace * 1_000_000))

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from storage.errors import NoSuchKey
-from storage.manifest import entry_digest
+from storage.manifest import build_digests, entry_digest, row_digest
 from storage.metadata import ObjectRecord
 from storage.objects import ObjectStore
 from storage.placement import owner_of_object
-from tunnelmesh.sync import LocalLink, LocalManifest, SyncService, _row_digest, row_entry
+from tunnelmesh.sync import LocalLink, LocalManifest, SyncService, row_entry
 
 CHUNK = 64 * 1024
 IDS = ["a" * 16, "b" * 16, "c" * 16]
@@ -68,17 +68,20 @@ def sync_all(nodes: list[Node]) -> list[dict]:
     return [node.sync.run(node.links(nodes)) for node in nodes]
 
 
-def test_fast_row_digest_equals_the_manifest_digest(nodes: list[Node]) -> None:
+def test_stored_row_digests_equal_the_manifest_digest(nodes: list[Node]) -> None:
     a = nodes[0]
     everyone_has_bucket(nodes)
     put(a, "plain")
     put(a, "ünïcödé/\"quoted\"\\slash")
     a.store.delete_object("b", "plain")
     manifest = LocalManifest.load(a.store.meta)
-    rows = [row for rows in manifest.by_range for row in rows]
-    assert len(rows) == 3  # two objects and the bucket
-    for row in rows:
-        assert _row_digest(row) == int.from_bytes(entry_digest(row_entry(row)), "big")
+    entries = manifest.entries(range(manifest.ranges))
+    assert len(entries) == 3  # two objects and the bucket
+    assert manifest.digests == build_digests(entries)
+    assert [e.key for e in manifest.tombstones(range(manifest.ranges))] == ["plain"]
+    with a.store.meta.read() as tx:
+        for _, row in tx.manifest_rows(range(manifest.ranges)):
+            assert row_digest(*row) == entry_digest(row_entry(row))
 
 
 def test_lost_delete_is_repaired_in_one_round(nodes: list[Node]) -> None:
