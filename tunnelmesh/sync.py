@@ -89,7 +89,7 @@ Row = ManifestRow  # bucket, key ("" = bucket), vv json, stamp, deleted, etag, w
 
 
 # =============================================================================================
-# The local manifest (built from the metadata database, digests computed from the raw rows)
+# The local manifest (range digests as the metadata store keeps them; rows read per range)
 # =============================================================================================
 
 
