@@ -266,21 +266,26 @@ class ObjectStore:
     # =========================================================================================
     def put_object(self, bucket: str, key: str, body: Readable, *, content_length: int | None,
                    meta: ObjectMeta | None = None, content_md5: bytes | None = None,
-                   if_none_match_any: bool = False) -> ObjectRecord:
-        """Store ``body`` as the new version of ``bucket/key``; returns once it is durable."""
+                   if_none_match_any: bool = False, if_match: frozenset[str] | None = None) -> ObjectRecord:
+        """Store ``body`` as the new version of ``bucket/key``; returns once it is durable.
+
+        Conditional writes: ``if_none_match_any`` (S3 ``If-None-Match: *``) fails with
+        PreconditionFailed when a live object exists; ``if_match`` (S3 ``If-Match``, ETags without
+        quotes, ``"*"`` for any) fails with NoSuchKey when none exists and PreconditionFailed when
+        its ETag is not one of them. Both are checked before the body streams and again at commit.
+        """
         validate_key(key)
         self._check_body_args(content_length, content_md5)
         meta = meta or ObjectMeta()
         with self.meta.read() as tx:  # fail before streaming; checked again at commit
             self._require_bucket(tx, bucket)
-            if if_none_match_any:
-                self._check_absent(tx, bucket, key)
+            self._check_write_conditions(tx.get_object(bucket, key), bucket, key, if_none_match_any, if_match)
         stored = self._store_stream(self._body_pieces(body, content_length))
         self._check_md5(stored, content_md5)
         draft = self._draft(bucket, key, meta, size=stored.size, etag=stored.md5.hex(),
                             chunks=tuple(stored.chunks))
         with self.meta.write() as tx:
-            return self._commit(tx, draft, OUTBOX_PUT, if_none_match_any=if_none_match_any)
+            return self._commit(tx, draft, OUTBOX_PUT, if_none_match_any=if_none_match_any, if_match=if_match)
 
     def head_object(self, bucket: str, key: str) -> ObjectRecord:
         with self.meta.read() as tx:
@@ -491,16 +496,16 @@ class ObjectStore:
     # =========================================================================================
     # Internals
     # =========================================================================================
-    def _commit(self, tx: Tx, draft: ObjectRecord, kind: str, *, if_none_match_any: bool = False) -> ObjectRecord:
+    def _commit(self, tx: Tx, draft: ObjectRecord, kind: str, *, if_none_match_any: bool = False,
+                if_match: frozenset[str] | None = None) -> ObjectRecord:
         """Store ``draft`` as the next version of its key inside ``tx`` (a write transaction).
 
-        The one place that decides a new version: bucket check, If-None-Match, vector increment,
-        monotonic stamp, outbox row.
+        The one place that decides a new version: bucket check, If-None-Match / If-Match, vector
+        increment, monotonic stamp, outbox row.
         """
         self._require_bucket(tx, draft.bucket)
         previous = tx.get_object(draft.bucket, draft.key)
-        if if_none_match_any and previous is not None and not previous.deleted:
-            raise PreconditionFailed(f"{draft.key!r} already exists in bucket {draft.bucket!r}")
+        self._check_write_conditions(previous, draft.bucket, draft.key, if_none_match_any, if_match)
         record = replace(
             draft,
             vv=(previous.vv if previous else EMPTY_VV).increment(self.actor),
@@ -527,10 +532,16 @@ class ObjectStore:
         return record
 
     @staticmethod
-    def _check_absent(tx: Tx, bucket: str, key: str) -> None:
-        record = tx.get_object(bucket, key)
-        if record is not None and not record.deleted:
+    def _check_write_conditions(current: ObjectRecord | None, bucket: str, key: str, if_none_match_any: bool,
+                                if_match: frozenset[str] | None) -> None:
+        live = current is not None and not current.deleted
+        if if_none_match_any and live:
             raise PreconditionFailed(f"{key!r} already exists in bucket {bucket!r}")
+        if if_match is not None:
+            if current is None or current.deleted:
+                raise NoSuchKey(bucket, key)
+            if "*" not in if_match and current.etag not in if_match:
+                raise PreconditionFailed(f"the ETag of {key!r} in bucket {bucket!r} is not the one given")
 
     @staticmethod
     def _require_upload(tx: Tx, upload_id: str) -> UploadRecord:

@@ -33,17 +33,21 @@ class Preconditions:
                    headers.get(prefix + "If-Modified-Since"), headers.get(prefix + "If-Unmodified-Since"))
 
 
-def etag_matches(header_value: str, etag: str) -> bool:
-    """True when a (comma-separated, possibly weak, possibly ``*``) ETag list names ``etag``."""
+def etag_list(header_value: str) -> frozenset[str]:
+    """The ETags (without quotes or ``W/``) of a comma-separated list; ``*`` stays ``*``."""
+    etags = set()
     for candidate in header_value.split(","):
         candidate = candidate.strip()
-        if candidate == "*":
-            return True
         if candidate.startswith("W/"):
             candidate = candidate[2:]
-        if candidate.strip('"') == etag:
-            return True
-    return False
+        etags.add(candidate if candidate == "*" else candidate.strip('"'))
+    return frozenset(etags)
+
+
+def etag_matches(header_value: str, etag: str) -> bool:
+    """True when a (comma-separated, possibly weak, possibly ``*``) ETag list names ``etag``."""
+    etags = etag_list(header_value)
+    return "*" in etags or etag in etags
 
 
 def _parse_http_date(value: str | None) -> int | None:

@@ -13,7 +13,7 @@ from storage.metadata import ObjectRecord
 from storage.objects import ObjectMeta
 from web.s3 import xml
 from web.s3.call import RequestBody, S3Call
-from web.s3.conditions import Preconditions, check_copy_source, evaluate, parse_range
+from web.s3.conditions import Preconditions, check_copy_source, etag_list, evaluate, parse_range
 from web.s3.errors import S3Error, from_storage_error
 from web.s3.headers import (
     CHECKSUM_PREFIX,
@@ -88,9 +88,7 @@ def put_object(call: S3Call) -> Response:
         return copy_object(call)
     call.bucket()
     key = call.checked_key()
-    if call.headers.get("If-Match") is not None:
-        raise S3Error("NotImplemented", "Conditional writes with If-Match are not supported.",
-                      resource=call.resource)
+    if_match = call.headers.get("If-Match")
     if_none_match = call.headers.get("If-None-Match")
     if if_none_match is not None and if_none_match.strip() != "*":
         raise S3Error("NotImplemented", "If-None-Match on PUT only supports '*'.", resource=call.resource)
@@ -101,7 +99,8 @@ def put_object(call: S3Call) -> Response:
     record = call.store.put_object(
         call.bucket_name, key, reader, content_length=length,
         meta=ObjectMeta(content_type=meta.content_type, headers=stored_headers, user_meta=meta.user_meta),
-        content_md5=md5, if_none_match_any=if_none_match is not None)
+        content_md5=md5, if_none_match_any=if_none_match is not None,
+        if_match=etag_list(if_match) if if_match is not None else None)
     call.service.await_write_quorum(record)  # replication.write_quorum >= 2 (issue 5)
     response_headers = {"ETag": quote_etag(record.etag)}
     response_headers.update(checksum_headers_of(record.headers) or verified_checksums(reader))

@@ -129,6 +129,23 @@ def test_if_none_match_star_on_put(s3, bucket) -> None:
     s3.put_object(Bucket=bucket, Key="once", Body=b"again", IfNoneMatch="*")  # absent again: allowed
 
 
+def test_if_match_on_put(s3, bucket) -> None:
+    with pytest.raises(ClientError) as excinfo:
+        s3.put_object(Bucket=bucket, Key="cas", Body=b"none yet", IfMatch='"0123"')
+    assert (error_code(excinfo), status_of(excinfo)) == ("NoSuchKey", 404)
+    etag = s3.put_object(Bucket=bucket, Key="cas", Body=b"v1")["ETag"]
+    with pytest.raises(ClientError) as excinfo:
+        s3.put_object(Bucket=bucket, Key="cas", Body=b"stale", IfMatch='"00000000000000000000000000000000"')
+    assert (error_code(excinfo), status_of(excinfo)) == ("PreconditionFailed", 412)
+    assert s3.get_object(Bucket=bucket, Key="cas")["Body"].read() == b"v1"
+    second = s3.put_object(Bucket=bucket, Key="cas", Body=b"v2", IfMatch=etag)["ETag"]  # compare-and-swap
+    with pytest.raises(ClientError) as excinfo:
+        s3.put_object(Bucket=bucket, Key="cas", Body=b"lost update", IfMatch=etag)  # etag is stale now
+    assert status_of(excinfo) == 412
+    s3.put_object(Bucket=bucket, Key="cas", Body=b"v3", IfMatch="*")
+    assert s3.get_object(Bucket=bucket, Key="cas")["Body"].read() == b"v3" and second != etag
+
+
 def test_missing_content_length(s3_server, bucket) -> None:
     from tests.integration.s3.rawhttp import send, sign
 

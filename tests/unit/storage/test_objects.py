@@ -280,6 +280,41 @@ def test_if_none_match_is_checked_at_commit(store: ObjectStore) -> None:
     assert get(store, "k") == b"theirs"
 
 
+def test_if_match(store: ObjectStore) -> None:
+    with pytest.raises(NoSuchKey):
+        put(store, "k", b"first", if_match=frozenset({"*"}))  # nothing to match: S3 answers 404
+    first = put(store, "k", b"first")
+    with pytest.raises(PreconditionFailed):
+        put(store, "k", b"second", if_match=frozenset({"0" * 32}))
+    assert get(store, "k") == b"first"
+    second = put(store, "k", b"second", if_match=frozenset({"0" * 32, first.etag}))
+    put(store, "k", b"third", if_match=frozenset({"*"}))
+    assert get(store, "k") == b"third" and second.etag != first.etag
+    store.delete_object("b", "k")
+    with pytest.raises(NoSuchKey):
+        put(store, "k", b"fourth", if_match=frozenset({"*"}))  # a tombstone counts as absent
+
+
+def test_if_match_is_checked_at_commit(store: ObjectStore) -> None:
+    """A writer that commits while the body streams changes the ETag: the If-Match PUT fails."""
+    first = put(store, "k", b"first")
+
+    class RacingReader:
+        def __init__(self) -> None:
+            self.raced = False
+            self.stream = io.BytesIO(b"mine")
+
+        def read(self, n: int) -> bytes:
+            if not self.raced:
+                self.raced = True
+                put(store, "k", b"theirs")
+            return self.stream.read(n)
+
+    with pytest.raises(PreconditionFailed):
+        store.put_object("b", "k", RacingReader(), content_length=4, if_match=frozenset({first.etag}))
+    assert get(store, "k") == b"theirs"
+
+
 # -- copy ---------------------------------------------------------------------------------------
 
 def test_copy_reuses_chunks(store: ObjectStore) -> None:
