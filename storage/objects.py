@@ -309,17 +309,21 @@ class ObjectStore:
         Deleting an absent key also writes a tombstone (so a concurrent write elsewhere that this
         node has not seen yet does not win by default); deleting a tombstone changes nothing.
         """
+        return self.write_tombstone(bucket, key)[0]
+
+    def write_tombstone(self, bucket: str, key: str) -> tuple[bool, ObjectRecord | None]:
+        """:meth:`delete_object`, also returning the tombstone it committed (None when the key was
+        a tombstone already), e.g. for a write quorum."""
         validate_key(key)
         with self.meta.write() as tx:
             self._require_bucket(tx, bucket)
             previous = tx.get_object(bucket, key)
             if previous is not None and previous.deleted:
-                return False
+                return False, None
             tombstone = ObjectRecord(bucket=bucket, key=key, size=0, etag="", last_modified_us=0,
                                      content_type="", headers={}, user_meta={}, chunks=(), vv=EMPTY_VV,
                                      writer=self.actor, deleted=True)
-            self._commit(tx, tombstone, OUTBOX_DELETE)
-            return previous is not None
+            return previous is not None, self._commit(tx, tombstone, OUTBOX_DELETE)
 
     def copy_object(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str,
                     meta: ObjectMeta | None = None) -> ObjectRecord:

@@ -391,6 +391,13 @@ def test_write_quorum_2_survives_losing_the_writers_disk_right_after_the_ack(mes
     copy = s3a.copy_object(Bucket=bucket, Key="durable-copy", CopySource={"Bucket": bucket, "Key": "durable-05"})
     assert copy["CopyObjectResult"]["ETag"]
     written["durable-copy"] = written["durable-05"]
+    # Deletes are held for the quorum too: their tombstones must survive A's disk.
+    s3a.delete_object(Bucket=bucket, Key="durable-03")
+    answer = s3a.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": "durable-04"}]})
+    assert [d["Key"] for d in answer.get("Deleted", [])] == ["durable-04"] and not answer.get("Errors"), answer
+    deleted = ["durable-03", "durable-04"]
+    for key in deleted:
+        del written[key]
     a.kill()  # right after the last acknowledgement, then A's disk is gone
     remove_tree(a.data_dir)
     assert not a.data_dir.exists()
@@ -398,3 +405,6 @@ def test_write_quorum_2_survives_losing_the_writers_disk_right_after_the_ack(mes
     for key, body in written.items():
         got = [read(client(b, node), bucket, key) for node in (b, c)]
         assert body in got, f"{key}: acknowledged with write_quorum 2 but readable from neither B nor C"
+    for key in deleted:
+        tombstones = [r for r in (record_of(b, bucket, key), record_of(c, bucket, key)) if r is not None and r.deleted]
+        assert tombstones, f"{key}: delete acknowledged with write_quorum 2 but neither B nor C holds its tombstone"

@@ -183,7 +183,9 @@ def head_object(call: S3Call) -> Response:
 
 def delete_object(call: S3Call) -> Response:
     call.bucket()
-    call.store.delete_object(call.bucket_name, call.checked_key())
+    _, tombstone = call.store.write_tombstone(call.bucket_name, call.checked_key())
+    if tombstone is not None:
+        call.service.await_write_quorum(tombstone)  # a delete is a write too (issue 5)
     return empty_response(204)
 
 
@@ -199,7 +201,9 @@ def delete_objects(call: S3Call) -> Response:
     for key in keys:
         try:
             check_key(key, f"/{call.bucket_name}/{key}")
-            call.store.delete_object(call.bucket_name, key)
+            _, tombstone = call.store.write_tombstone(call.bucket_name, key)
+            if tombstone is not None:
+                call.service.await_write_quorum(tombstone)
         except (S3Error, StorageError) as exc:
             error = exc if isinstance(exc, S3Error) else from_storage_error(exc)
             entry = xml.child(root, "Error")
