@@ -279,7 +279,8 @@ class ObjectStore:
         meta = meta or ObjectMeta()
         with self.meta.read() as tx:  # fail before streaming; checked again at commit
             self._require_bucket(tx, bucket)
-            self._check_write_conditions(tx.get_object(bucket, key), bucket, key, if_none_match_any, if_match)
+            if if_none_match_any or if_match is not None:
+                self._check_write_conditions(tx.get_object(bucket, key), bucket, key, if_none_match_any, if_match)
         stored = self._store_stream(self._body_pieces(body, content_length))
         self._check_md5(stored, content_md5)
         draft = self._draft(bucket, key, meta, size=stored.size, etag=stored.md5.hex(),
@@ -538,14 +539,14 @@ class ObjectStore:
     @staticmethod
     def _check_write_conditions(current: ObjectRecord | None, bucket: str, key: str, if_none_match_any: bool,
                                 if_match: frozenset[str] | None) -> None:
-        live = current is not None and not current.deleted
-        if if_none_match_any and live:
+        if current is None or current.deleted:
+            if if_match is not None:
+                raise NoSuchKey(bucket, key)  # S3: If-Match on a key with no object is 404
+            return
+        if if_none_match_any:
             raise PreconditionFailed(f"{key!r} already exists in bucket {bucket!r}")
-        if if_match is not None:
-            if current is None or current.deleted:
-                raise NoSuchKey(bucket, key)
-            if "*" not in if_match and current.etag not in if_match:
-                raise PreconditionFailed(f"the ETag of {key!r} in bucket {bucket!r} is not the one given")
+        if if_match is not None and "*" not in if_match and current.etag not in if_match:
+            raise PreconditionFailed(f"the ETag of {key!r} in bucket {bucket!r} is not the one given")
 
     @staticmethod
     def _require_upload(tx: Tx, upload_id: str) -> UploadRecord:
