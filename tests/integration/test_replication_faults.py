@@ -364,12 +364,23 @@ def test_write_quorum_unreachable_answers_503_and_keeps_the_write(mesh: Mesh) ->
         assert error["Code"] == "ServiceUnavailable" and "retry" in error["Message"]
         assert waited < 3 + 5, waited  # bounded by replication.peer_timeout (3 s)
         assert read(s3a, bucket, "refused") == body  # committed locally all the same
+        # DeleteObjects: each key reports its own 503, and the batch waits one peer_timeout, not three.
+        doomed = ["ok", "absent-1", "absent-2"]
+        started = time.monotonic()
+        answer = s3a.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": key} for key in doomed]})
+        waited = time.monotonic() - started
+        assert not answer.get("Deleted"), answer
+        assert sorted((e["Key"], e["Code"]) for e in answer["Errors"]) == [
+            (key, "ServiceUnavailable") for key in sorted(doomed)], answer
+        assert waited < 3 * 3 - 1, waited  # one at a time would take 3 x replication.peer_timeout (3 s)
     finally:
         mesh.proxy_of(b).heal()
         mesh.proxy_of(c).heal()
     for node in (b, c):  # and replicated later, without the client retrying
         s3 = client(a, node)
         wait_for(lambda s3=s3: read(s3, bucket, "refused") == body, 60, f"the refused write on {node.name}", 0.3)
+        wait_for(lambda node=node: getattr(record_of(node, bucket, "ok"), "deleted", False), 60,
+                 f"the refused delete on {node.name}", 0.3)
 
 
 def test_write_quorum_2_survives_losing_the_writers_disk_right_after_the_ack(mesh: Mesh) -> None:
@@ -393,9 +404,11 @@ def test_write_quorum_2_survives_losing_the_writers_disk_right_after_the_ack(mes
     written["durable-copy"] = written["durable-05"]
     # Deletes are held for the quorum too: their tombstones must survive A's disk.
     s3a.delete_object(Bucket=bucket, Key="durable-03")
-    answer = s3a.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": "durable-04"}]})
-    assert [d["Key"] for d in answer.get("Deleted", [])] == ["durable-04"] and not answer.get("Errors"), answer
-    deleted = ["durable-03", "durable-04"]
+    # A batch: its quorum pushes run side by side; a key deleted already waits for nothing.
+    batch = ["durable-04", "durable-03", "durable-10"]
+    answer = s3a.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": key} for key in batch]})
+    assert sorted(d["Key"] for d in answer.get("Deleted", [])) == sorted(batch) and not answer.get("Errors"), answer
+    deleted = ["durable-03", "durable-04", "durable-10"]
     for key in deleted:
         del written[key]
     a.kill()  # right after the last acknowledgement, then A's disk is gone

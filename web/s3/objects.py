@@ -197,19 +197,27 @@ def delete_objects(call: S3Call) -> Response:
         raise S3Error("BadDigest", "The Content-MD5 you specified did not match what we received.",
                       resource=call.resource)
     quiet, keys = xml.parse_delete(body)
-    root = xml.document("DeleteResult")
-    for key in keys:
+    # Every tombstone is committed first; then the write quorum is awaited for all of them at once.
+    outcomes: list[S3Error | None] = []
+    tombstones: dict[int, ObjectRecord] = {}
+    for index, key in enumerate(keys):
         try:
             check_key(key, f"/{call.bucket_name}/{key}")
             _, tombstone = call.store.write_tombstone(call.bucket_name, key)
-            if tombstone is not None:
-                call.service.await_write_quorum(tombstone)
         except (S3Error, StorageError) as exc:
-            error = exc if isinstance(exc, S3Error) else from_storage_error(exc)
+            outcomes.append(exc if isinstance(exc, S3Error) else from_storage_error(exc))
+            continue
+        outcomes.append(None)
+        if tombstone is not None:  # a key that was a tombstone already waits for nothing
+            tombstones[index] = tombstone
+    for index, error in zip(tombstones, call.service.await_write_quorums(list(tombstones.values())), strict=True):
+        outcomes[index] = error
+    root = xml.document("DeleteResult")
+    for key, error in zip(keys, outcomes, strict=True):
+        if error is not None:
             entry = xml.child(root, "Error")
             xml.children(entry, [("Key", key), ("Code", error.code), ("Message", error.message)])
-            continue
-        if not quiet:
+        elif not quiet:
             xml.child(xml.child(root, "Deleted"), "Key", key)
     return xml_response(root)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -118,7 +120,9 @@ class S3Service:
         if self._nudger is None:
             from tunnelmesh.replication import OutboxNudger
 
-            self._nudger = OutboxNudger(self.settings)
+            with self._lock:  # request threads and DeleteObjects' quorum threads share one nudger
+                if self._nudger is None:
+                    self._nudger = OutboxNudger(self.settings)
         self._nudger.nudge()
 
     def await_write_quorum(self, record: ObjectRecord) -> None:
@@ -140,3 +144,21 @@ class S3Service:
             self.nudge_replication()  # the 503 skips the after-request nudge; the outbox row is there
             raise S3Error("ServiceUnavailable", f"{exc}. The write is kept by this coordinator and "
                           "replicated later; retry the request.") from None
+
+    def await_write_quorums(self, records: Sequence[ObjectRecord]) -> list[S3Error | None]:
+        """:meth:`await_write_quorum` for many committed writes (DeleteObjects: up to 1,000 keys),
+        ``replication.concurrency`` at a time, so a batch waits about as long as its slowest pushes
+        rather than the sum of them; per record, None or the error its key reports."""
+        if self.settings.replication.write_quorum <= 1 or not records:
+            return [None] * len(records)
+
+        def wait_for(record: ObjectRecord) -> S3Error | None:
+            try:
+                self.await_write_quorum(record)
+            except S3Error as exc:
+                return exc
+            return None
+
+        workers = min(len(records), self.settings.replication.concurrency)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="delete-quorum") as pool:
+            return list(pool.map(wait_for, records))
