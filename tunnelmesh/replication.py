@@ -440,23 +440,29 @@ class ReplicationService:
         record: ObjectRecord | None = self.store.meta.get_object(bucket, key)
         if record is None:
             return PushResult("gone")
+        confirmed, sent = self._send_record(member, record, member_ids)
+        dropped = 0 if record.deleted else self.drop_extra_copies(record.chunks, member_ids)
+        return PushResult("sent", sent, len(confirmed) - sent, dropped)
+
+    def _send_record(self, member: MemberLike, record: ObjectRecord, member_ids: list[str]) -> tuple[list[str], int]:
+        """Hand ``record`` to ``member``: the chunks placement gives it that it lacks, then the metadata
+        (chunks first, so the record never names a chunk its holder does not have). Returns the chunk
+        hashes ``member`` now holds durably (recorded in the ledger) and how many were sent."""
         factor = self.settings.replication.factor
         wanted = [] if record.deleted else chunks_for_peer(record.chunks, member.peer_id, member_ids, factor)
-        sent = present = 0
+        confirmed: list[str] = []
+        sent = 0
         if wanted:
             answer = self._post_json(member, "/chunks/have", {"hashes": [ref.hash for ref in wanted]})
             have = set(answer.get("have", [])) if isinstance(answer, dict) else set()
-            missing = [ref for ref in wanted if ref.hash not in have]
-            present = len(wanted) - len(missing)
-            confirmed = [ref.hash for ref in wanted if ref.hash in have]
-            for ref in missing:
-                self._put_chunk(member, ref)
+            for ref in wanted:
+                if ref.hash not in have:
+                    self._put_chunk(member, ref)
+                    sent += 1
                 confirmed.append(ref.hash)
-                sent += 1
             self.ledger.confirm_chunks(member.peer_id, confirmed)
-        self.send_object_record(member, record, self.store.meta.get_bucket(bucket))
-        dropped = 0 if record.deleted else self.drop_extra_copies(record.chunks, member_ids)
-        return PushResult("sent", sent, present, dropped)
+        self.send_object_record(member, record, self.store.meta.get_bucket(record.bucket))
+        return confirmed, sent
 
     # -- synchronous write quorum (replication.write_quorum >= 2) -------------------------------
     def push_for_quorum(self, record: ObjectRecord, quorum: int | None = None) -> QuorumOutcome:
@@ -491,7 +497,7 @@ class ReplicationService:
         peers = [members[p] for p in member_ids if p != self.self_id]
         pool = ThreadPoolExecutor(max_workers=max(1, len(peers)), thread_name_prefix="quorum-push")
         try:
-            futures = {pool.submit(self._push_record, member, record, member_ids): member for member in peers}
+            futures = {pool.submit(self._send_record, member, record, member_ids): member for member in peers}
             deadline = started + rep.peer_timeout
             pending = set(futures)
             while pending and not reached():
@@ -502,7 +508,7 @@ class ReplicationService:
                 for future in done:
                     member = futures[future]
                     try:
-                        confirmed = future.result()
+                        confirmed, _ = future.result()
                     except (PeerUnavailable, PeerRejected, ChunkMissing) as exc:
                         errors.append(f"{member.name}: {exc}")
                         continue
@@ -519,27 +525,6 @@ class ReplicationService:
                 f"{rep.peer_timeout:g}s: metadata on {len(meta_holders)} coordinator(s), {short} of "
                 f"{len(copies)} chunk(s) short of {quorum} copies ({'; '.join(errors) or 'peers too slow'})")
         return QuorumOutcome(len(meta_holders), elapsed)
-
-    def _push_record(self, member: MemberLike, record: ObjectRecord, member_ids: list[str]) -> list[str]:
-        """Push ``record`` (chunks placed on ``member``, then metadata); returns the chunk hashes
-        ``member`` now holds durably."""
-        factor = self.settings.replication.factor
-        wanted = [] if record.deleted else chunks_for_peer(record.chunks, member.peer_id, member_ids, factor)
-        confirmed: list[str] = []
-        if wanted:
-            answer = self._post_json(member, "/chunks/have", {"hashes": [ref.hash for ref in wanted]})
-            have = set(answer.get("have", [])) if isinstance(answer, dict) else set()
-            for ref in wanted:
-                if ref.hash not in have:
-                    self._put_chunk(member, ref)
-                confirmed.append(ref.hash)
-            self.ledger.confirm_chunks(member.peer_id, confirmed)
-        payload: dict[str, Any] = {"object": record.to_dict()}
-        bucket_record: BucketRecord | None = self.store.meta.get_bucket(record.bucket)
-        if bucket_record is not None:
-            payload["bucket"] = bucket_record.to_dict()
-        self._post_json(member, "/object", payload)
-        return confirmed
 
     def drop_extra_copies(self, chunks: Iterable[ChunkRef], member_ids: Sequence[str]) -> int:
         """The writer cleanup rule (module docstring): drop copies every holder confirmed."""

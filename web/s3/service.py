@@ -147,8 +147,8 @@ class S3Service:
 
     def await_write_quorums(self, records: Sequence[ObjectRecord]) -> list[S3Error | None]:
         """:meth:`await_write_quorum` for many committed writes (DeleteObjects: up to 1,000 keys),
-        ``replication.concurrency`` at a time, so a batch waits about as long as its slowest pushes
-        rather than the sum of them; per record, None or the error its key reports."""
+        ``replication.concurrency`` at a time, so waits on slow or unreachable peers overlap (a
+        partition costs one ``peer_timeout``, not one per key); per record, None or its key's error."""
         if self.settings.replication.write_quorum <= 1 or not records:
             return [None] * len(records)
 
