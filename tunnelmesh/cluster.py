@@ -185,21 +185,43 @@ def may_remove(settings: Settings, registry: PeerRegistry, requester: str, targe
 
 
 def broadcast_removal(settings: Settings, identity: NodeIdentity, target: str) -> list[str]:
-    """Ask every other active member to remove ``target``; returns the names that accepted."""
+    """Ask every other active member to remove ``target``; returns the names that accepted.
+
+    The members are asked side by side. A removal is idempotent, so a member that did not answer
+    (unreachable, timed out, 5xx) is asked again, up to ``replication.max_attempts`` times with
+    growing delays: a coordinator busy with the leaver's last drain must not turn a leave into a
+    partial one. The read timeout is ``replication.peer_timeout``, not the heartbeat's short one.
+    A refusal (4xx) is final.
+    """
     client = PeerClient(settings, identity)
-    accepted = []
-    for member in node.shared_registry(settings).load_view().active_members():
-        if member.peer_id == identity.peer_id:
-            continue
-        try:
-            resp = client.request("POST", member.api_url.rstrip("/") + REMOVE_PATH, json={"peer_id": target},
-                                  timeout=_timeout(settings))
-        except requests.RequestException as exc:
-            log.info("removal request to %s failed: %s", member.name, exc)
-            continue
-        if resp.status_code == 200:
-            accepted.append(member.name)
-    return accepted
+    rep = settings.replication
+    timeout = (_timeout(settings)[0], rep.peer_timeout)
+    others = [m for m in node.shared_registry(settings).load_view().active_members()
+              if m.peer_id != identity.peer_id]
+
+    def ask(member: Member) -> bool:
+        for attempt in range(rep.max_attempts):
+            if attempt:
+                time.sleep(min(rep.retry_backoff * 2 ** (attempt - 1), rep.retry_backoff_max))
+            try:
+                resp = client.request("POST", member.api_url.rstrip("/") + REMOVE_PATH,
+                                      json={"peer_id": target}, timeout=timeout)
+            except requests.RequestException as exc:
+                log.info("removal request to %s failed (attempt %d): %s", member.name, attempt + 1, exc)
+                continue
+            if resp.status_code == 200:
+                return True
+            log.info("removal request to %s answered HTTP %d (attempt %d)", member.name, resp.status_code,
+                     attempt + 1)
+            if resp.status_code < 500:
+                return False
+        return False
+
+    if not others:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(others))) as pool:
+        answers = list(pool.map(ask, others))
+    return [m.name for m, ok in zip(others, answers, strict=True) if ok]
 
 
 # -- fire-and-forget trigger of a round (from the web process) ---------------------------------
